@@ -1,0 +1,69 @@
+"""The real packaged models: offline load, pinned checksums, and the exact split at every cut layer."""
+
+import pytest
+import torch
+
+from er_ray import assets, encoders
+
+SHA = {"minilm": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+       "mpnet": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}
+SHAPE = {"minilm": ("bert", 6, 384, 22_713_216), "mpnet": ("mpnet", 12, 768, 109_486_464)}
+TEXTS = ["Where is the Eiffel Tower?",
+         "The fabric is soft, the cut flatters, and I would buy it again in another colour without a doubt.",
+         "ok"]
+
+
+@pytest.fixture(scope="module", params=["minilm", "mpnet"])
+def encoder(request):
+    return encoders.load_encoder(request.param)
+
+
+def test_loads_offline_with_pinned_checksum(encoder):
+    arch, layers, hidden, params = SHAPE[encoder.name]
+    assert (encoder.architecture, encoder.num_layers, encoder.hidden_size, encoder.num_parameters) == \
+        (arch, layers, hidden, params)
+    assert encoder.weights_sha256 == SHA[encoder.name]
+    assert assets.sha256_file(encoder.folder / "model.safetensors") == SHA[encoder.name]
+    assert encoder.pooling == "mean"  # both are sentence-transformers models trained with mean pooling
+    assert len(encoder.tokenizer_fingerprint) == 64
+
+
+def test_real_model_split_is_exact_at_every_cut_layer(encoder):
+    batch = encoder.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.sum(1).tolist()[2] < mask.shape[1]  # the batch really is padded unevenly
+    real = mask.bool()
+    with torch.no_grad():
+        full = encoder.model(input_ids=ids, attention_mask=mask)
+        for k in range(encoder.num_layers + 1):
+            lower, upper = encoder.split(k)
+            out = upper(lower(ids, mask), mask)
+            diff = (out.last_hidden_state - full.last_hidden_state)[real].abs().max().item()
+            assert diff <= 1e-5, f"{encoder.name} k={k}: {diff}"
+            assert (out.pooler_output - full.pooler_output).abs().max().item() <= 1e-5
+
+
+def test_tampered_weights_are_refused(tmp_path, monkeypatch):
+    # A copy of the packaged folder whose weights changed by one byte must not load as "minilm".
+    import shutil
+
+    src = encoders.PACKAGED_MODELS["minilm"].fetch()
+    monkeypatch.setenv("ER_RAY_HOME", str(tmp_path))
+    dst = tmp_path / "models" / "minilm"
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(encoders.ModelError, match="sha256 .* != the pinned"):
+        encoders.load_encoder("minilm")
+
+
+def test_local_folder_and_unknown_names(tmp_path):
+    folder = encoders.PACKAGED_MODELS["minilm"].fetch()
+    enc = encoders.load_encoder(str(folder))
+    assert enc.weights_sha256 == SHA["minilm"] and enc.num_layers == 6
+    with pytest.raises(encoders.ModelError, match="no such folder"):
+        encoders.load_encoder(str(tmp_path / "nothing-here"))
+    with pytest.raises(encoders.ModelError, match="could not be fetched from the hub"):
+        encoders.load_encoder("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1: fails fast, clearly
