@@ -104,6 +104,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs = dict(dest=f.name, default=default, help=help_text, **extra)
         if conv is not None:
             kwargs["type"] = conv
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            parser.add_argument(f.name, metavar=f.name.upper(), **kwargs)
+            continue
         if required:
             kwargs["required"] = True
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -185,12 +189,52 @@ def fetch(opts: FetchOptions) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class VerifyOptions:
+    cache: str = dataclasses.field(metadata={"positional": True})
+    """cache directory (all its layers) or one layer=<k> directory"""
+
+
+def verify(opts: VerifyOptions) -> int:
+    """Re-check a cache against its manifests: every shard exists, has its size, checksum, row count and ids.
+
+    Exits 1 and names each bad shard if anything is wrong."""
+    from .cache import verify as verify_cache
+
+    problems = verify_cache(opts.cache)
+    for p in problems:
+        print(f"BAD {p}")
+    if not problems:
+        print(f"{opts.cache}: ok")
+    return 1 if problems else 0
+
+
+def cache(opts) -> int:
+    """Encode a corpus's layer-k activations once, on Ray Data, into ragged Parquet shards with a manifest.
+
+    Re-running encodes nothing; an interrupted run resumes; a grown corpus encodes only its new documents.
+    `er-ray cache verify DIR` re-checks a cache."""
+    from .cache import build_cache
+    from .report import format_table
+
+    manifests = build_cache(opts)
+    rows = [{"layer": k, "documents": m.rows, "real tokens": m.real_tokens, "truncated": m.truncated,
+             "skipped": len(m.skipped), "shards": len(m.shards), "MiB": round(m.bytes / 2**20, 1),
+             "bytes/token": round(m.bytes / max(m.real_tokens, 1), 1), "dtype": m.dtype} for k, m in manifests.items()]
+    print(format_table(rows))
+    print(f"cache: {opts.output}")
+    return 0
+
+
 def _verbs() -> dict[str, tuple[Callable, type, str]]:
     # Imported lazily: `er-ray --help` must not pay for torch and ray.
+    from . import cache as cache_mod
     from . import demo
 
     return {
         "demo": (demo.run, demo.DemoOptions, "run the main job on the embedded default (packaged MiniLM, a real task)"),
+        "cache": (cache, cache_mod.CacheOptions, "encode a corpus's layer-k activations once (Ray Data -> Parquet)"),
+        "cache verify": (verify, VerifyOptions, "re-check a cache's shards against its manifest"),
         "models": (models, ModelsOptions, "list the packaged models: layers, hidden size, parameters"),
         "tasks": (tasks, TasksOptions, "list the built-in tasks: sizes and label sets"),
         "fetch": (fetch, FetchOptions, "fetch packaged models and prepare built-in tasks from the package registry"),
@@ -211,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["cache", "verify"]:  # a verb of two words: `er-ray cache verify DIR`
+        argv = ["cache verify", *argv[2:]]
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "_verb", None):

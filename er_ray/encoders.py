@@ -438,6 +438,32 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.f
                    {"source": packaged.source if packaged else name})
 
 
+def fingerprint(name_or_path: str, max_length: int) -> dict[str, Any]:
+    """What a cache built with this model must record and agree with, without loading the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name, folder = resolve_model(name_or_path)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if cfg.model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(f"er_ray cannot split a {cfg.model_type!r} model; supported architectures: "
+                                      f"{', '.join(supported_architectures())}")
+    with torch.device("meta"):
+        from transformers import AutoModel
+
+        layers = num_layers(AutoModel.from_config(cfg))
+    limit = getattr(cfg, "max_position_embeddings", 512) - (2 if cfg.model_type in ("roberta", "mpnet") else 0)
+    if max_length > limit:
+        raise ModelError(f"max length {max_length} is longer than {name} supports ({limit} tokens)")
+    digest = weights_sha256(folder)
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged and digest != packaged.weights_sha256:
+        raise ModelError(f"{folder}: weights sha256 {digest} != the pinned {packaged.weights_sha256}")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return {"model": name, "folder": str(folder), "weights_sha256": digest, "architecture": cfg.model_type,
+            "num_layers": layers, "hidden_size": cfg.hidden_size, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "max_length": max_length}
+
+
 def describe_model(name: str) -> dict:
     """Layers, hidden size and parameter count, from the config alone (no weights loaded)."""
     from transformers import AutoConfig, AutoModel

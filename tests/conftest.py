@@ -5,3 +5,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole run (ray.init costs ~4 s; worker start-up 5-10 s)."""
+    import ray
+
+    from er_ray.cluster import connect
+
+    connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from er_ray import encoders
+
+    return encoders.load_encoder("minilm")

@@ -1,0 +1,28 @@
+"""Connecting to Ray and sizing work to what the cluster has (a laptop, or GPU nodes)."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local Ray once."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
+                        **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {})}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env, log_to_driver=True)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 1))
