@@ -37,6 +37,10 @@ class Architecture:
     """How one model family embeds tokens and runs its layers. Subclass and `register` to add one."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Inside one layer: where LoRA goes (attention query and value) and the two projections a Houlsby bottleneck
+    # adapter follows (attention output, feed-forward output), as module paths relative to the layer.
+    lora_targets: ClassVar[tuple[str, ...]] = ("attention.self.query", "attention.self.value")
+    adapter_points: ClassVar[tuple[str, ...]] = ("attention.output.dense", "output.dense")
 
     def layers(self, m: nn.Module) -> nn.ModuleList:
         return m.encoder.layer
@@ -85,6 +89,8 @@ class Bert(Architecture):
 
 class DistilBert(Architecture):
     model_types = ("distilbert",)
+    lora_targets = ("attention.q_lin", "attention.v_lin")
+    adapter_points = ("attention.out_lin", "ffn.lin2")
 
     def layers(self, m):
         return m.transformer.layer
@@ -98,6 +104,8 @@ class DistilBert(Architecture):
 
 class MPNet(Architecture):
     model_types = ("mpnet",)
+    lora_targets = ("attention.attn.q", "attention.attn.v")
+    adapter_points = ("attention.attn.o", "output.dense")
 
     def embed(self, m, input_ids, attention_mask, token_type_ids):
         return m.embeddings(input_ids=input_ids)
@@ -117,6 +125,7 @@ class MPNet(Architecture):
 
 class DebertaV2(Architecture):
     model_types = ("deberta-v2",)
+    lora_targets = ("attention.self.query_proj", "attention.self.value_proj")
 
     def embed(self, m, input_ids, attention_mask, token_type_ids):
         if token_type_ids is None:

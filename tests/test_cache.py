@@ -72,9 +72,15 @@ def test_rows_ids_manifest_and_plain_pyarrow(fp32_cache, corpus, minilm):
     # plain pyarrow, no Ray, no er_ray: the schema is the contract
     t = pq.read_table(out / "layer=3" / manifests[3].shards[0]["file"])
     assert t.schema.field("id").type == pa.string() and t.schema.field("length").type == pa.int32()
-    assert t.schema.field("hidden").type == pa.list_(pa.list_(pa.float32(), 384))
+    assert t.schema.field("hidden").type == pa.list_(pa.binary(4 * 384))
     row = t.slice(0, 1).to_pylist()[0]
-    assert len(row["hidden"]) == row["length"] and len(row["hidden"][0]) == 384
+    assert len(row["hidden"]) == row["length"] and len(row["hidden"][0]) == 4 * 384
+    # decoded with nothing but numpy, as the format documents
+    col = t.column("hidden").combine_chunks()
+    flat = np.frombuffer(col.values.buffers()[1], np.float32).reshape(-1, 384)
+    assert flat.shape[0] == sum(t.column("length").to_pylist())
+    ref, _ = cache.decode_hidden(t, "fp32", 384)
+    assert np.array_equal(flat, ref)
 
 
 def test_cached_rows_through_upper_equal_the_full_model(fp32_cache, corpus, minilm):
@@ -292,8 +298,8 @@ def test_token_classification_corpus_stores_word_ids(ray_local, tmp_path, minilm
     pq.write_table(docs, path)
     build(path, tmp_path / "c", cut_layer=[3], text_column="tokens")
     # a plain corpus of word lists is cached like the built-in task would be: word_ids map tokens to words
-    t = open_cache(tmp_path / "c", 3).read()
-    row = t.slice(0, 1).to_pylist()[0]
+    rows = {r["id"]: r for r in open_cache(tmp_path / "c", 3).read().to_pylist()}
+    row = rows[docs.column("id")[0].as_py()]
     words = docs.slice(0, 1).column("tokens").to_pylist()[0]
     enc = minilm.tokenizer(words, is_split_into_words=True, truncation=True, max_length=64)
     assert row["word_ids"] == [-1 if w is None else w for w in enc.word_ids()]
