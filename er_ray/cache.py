@@ -124,6 +124,36 @@ def decode_hidden(table: pa.Table, dtype: str, hidden: int) -> tuple[np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tokenizer: what the cache pipeline tokenizes with, and its fingerprint
+
+
+def fast_tokenizer(folder: str | Path):
+    """The model's Rust tokenizer (`tokenizers.Tokenizer`). Tokenizing workers import only this: importing
+    `transformers` (or torch) costs seconds in every worker process and slowed the encoder actors' start."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise CacheError(f"{folder}: er_ray needs a fast (Rust) tokenizer; this model only has a slow one")
+    return tok.backend_tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialised pipeline (vocab, normaliser, special tokens, post-processor),
+    with padding and truncation settings left out (they are per-call, and max length is recorded on its own)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    spec = json.loads(backend.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Manifest
 
 
@@ -132,14 +162,11 @@ def layer_dir(root: str | Path, cut_layer: int) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import ray
-    import torch
-    import transformers
+    from importlib.metadata import version  # no imports of torch or transformers on the driver
 
     from . import __version__
 
-    return {"er_ray": __version__, "ray": ray.__version__, "pyarrow": pa.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"er_ray": __version__, **{p: version(p) for p in ("ray", "pyarrow", "torch", "transformers")}}
 
 
 @dataclass
@@ -443,15 +470,16 @@ def plan_shards(file_ids: list[tuple[str, list[str]]], done: set[str], shard_row
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline: plan -> read + tokenize (CPU tasks) -> lower encoder + write (actor pool) -> manifest (driver)
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
 
 
-def _tokenizer(folder: str):
-    if folder not in _TOKENIZERS:  # once per worker process
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return _TOKENIZERS[folder]
+def _tokenizer(folder: str, max_length: int):
+    if (folder, max_length) not in _TOKENIZERS:  # once per worker process
+        tok = fast_tokenizer(folder)
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+        _TOKENIZERS[folder, max_length] = tok
+    return _TOKENIZERS[folder, max_length]
 
 
 def _read_rows(file: str, rows: list[int], columns: list[str]) -> pa.Table:
@@ -483,18 +511,13 @@ def tokenize_shard(batch: pa.Table, *, folder: str, max_length: int, id_column: 
                 skipped.append({"id": doc_id, "reason": problem})
             else:
                 good.append(row)
-        tok = _tokenizer(folder)
-        words = [texts[r] for r in good]
-        enc = tok(words, truncation=True, max_length=max_length, return_overflowing_tokens=True,
-                  is_split_into_words=token_classification)
-        # Overflowing pieces come back as extra rows; the first row of each sample is the truncated document.
-        first: dict[int, int] = {}
-        for j, s in enumerate(enc["overflow_to_sample_mapping"]):
-            first.setdefault(s, j)
-        truncated = [sum(1 for s in enc["overflow_to_sample_mapping"] if s == k) > 1 for k in range(len(good))]
-        input_ids = [enc["input_ids"][first[k]] for k in range(len(good))]
-        word_ids = ([[-1 if w is None else w for w in enc.word_ids(first[k])] for k in range(len(good))]
-                    if token_classification else None)
+        # The Rust tokenizer itself: a worker imports it in milliseconds, where `transformers` costs seconds in
+        # every tokenizing process and slowed the start of the encoder actors (same tokenizer.json, same ids).
+        encs = _tokenizer(folder, max_length).encode_batch([texts[r] for r in good],
+                                                          is_pretokenized=token_classification)
+        truncated = [bool(e.overflowing) for e in encs]
+        input_ids = [e.ids for e in encs]
+        word_ids = ([[-1 if w is None else w for w in e.word_ids] for e in encs] if token_classification else None)
         hashes = [_doc_sha(plan["ids"][r], texts[r]) for r in good]
         n = len(good)
         cols = {"shard": [plan["shard"]] * n, "id": [plan["ids"][r] for r in good],
@@ -828,8 +851,9 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
     # One planned shard per block, so every shard reaches an actor whole.
     ds = ray.data.from_items(plans, override_num_blocks=len(plans))
     if stage1 is not None:
+        # Tokenizing is cheap next to the encoder: two tasks at a time keep ahead of it and leave it the cores.
         ds = ds.map_batches(tokenize_shard, batch_size=None, batch_format="pyarrow", fn_kwargs=stage1,
-                            num_cpus=0.25)  # cheap; leaves the cores to the encoder
+                            num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=2))
     ds = ds.map_batches(
         ShardEncoder, batch_size=None, batch_format="pyarrow",
         fn_constructor_kwargs=dict(model=fp["model"], root=str(Path(opts.output).resolve()), cut_layers=layers,

@@ -226,15 +226,51 @@ def cache(opts) -> int:
     return 0
 
 
+def train(opts) -> int:
+    """Train recycled task models from the layer-k cache, one per --task, all at once (Ray Train + DeepSpeed).
+
+    Tasks sharing a corpus share one cache (built on first use). Each run writes OUTPUT/runs/<name>/ with
+    metrics.json and model/ (trainable weights, task.json, and a PEFT adapter for lora); the table of all runs
+    goes to OUTPUT/results.parquet and results.md."""
+    from .train import train as train_tasks
+
+    train_tasks(opts)
+    return 0
+
+
+def finetune(opts) -> int:
+    """Full fine-tuning of the whole model from raw text: the baseline, through the same loop, head and
+    hyperparameters as `er-ray train`."""
+    from .train import train as train_tasks
+
+    opts.full_finetune = True
+    opts.adapter = "full"
+    train_tasks(opts)
+    return 0
+
+
+def predict(opts) -> int:
+    """Label a corpus with a trained run: from its cache (--cache, upper layers only) or from raw text."""
+    from .predict import predict as run_predict
+
+    run_predict(opts)
+    return 0
+
+
 def _verbs() -> dict[str, tuple[Callable, type, str]]:
     # Imported lazily: `er-ray --help` must not pay for torch and ray.
     from . import cache as cache_mod
     from . import demo
+    from . import predict as predict_mod
+    from . import train as train_mod
 
     return {
         "demo": (demo.run, demo.DemoOptions, "run the main job on the embedded default (packaged MiniLM, a real task)"),
         "cache": (cache, cache_mod.CacheOptions, "encode a corpus's layer-k activations once (Ray Data -> Parquet)"),
         "cache verify": (verify, VerifyOptions, "re-check a cache's shards against its manifest"),
+        "train": (train, train_mod.TrainOptions, "train recycled task models from the cache, many tasks at once"),
+        "finetune": (finetune, train_mod.TrainOptions, "full fine-tuning from raw text: the baseline"),
+        "predict": (predict, predict_mod.PredictOptions, "label a corpus with a trained run, from cache or text"),
         "models": (models, ModelsOptions, "list the packaged models: layers, hidden size, parameters"),
         "tasks": (tasks, TasksOptions, "list the built-in tasks: sizes and label sets"),
         "fetch": (fetch, FetchOptions, "fetch packaged models and prepare built-in tasks from the package registry"),

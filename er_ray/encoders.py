@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import assets
+from .cache import fast_tokenizer, tokenizer_fingerprint  # noqa: F401  (the cache key's tokenizer half)
 from .errors import ErRayError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,17 +374,10 @@ class Encoder:
 
     @property
     def tokenizer_fingerprint(self) -> str:
-        return tokenizer_fingerprint(self.tokenizer)
+        return tokenizer_fingerprint(fast_tokenizer(self.folder))
 
     def split(self, cut_layer: int) -> tuple[LowerEncoder, UpperEncoder]:
         return split(self.model, cut_layer)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's full serialised pipeline (vocab, normaliser, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resolve_model(name_or_path: str) -> tuple[str, Path]:
@@ -448,29 +442,26 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.f
 
 
 def fingerprint(name_or_path: str, max_length: int) -> dict[str, Any]:
-    """What a cache built with this model must record and agree with, without loading the weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    """What a cache built with this model must record and agree with. Reads config.json and tokenizer.json only:
+    the driver of a cache build never imports transformers or loads weights."""
     name, folder = resolve_model(name_or_path)
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if cfg.model_type not in ARCHITECTURES:
-        raise UnsupportedArchitecture(f"er_ray cannot split a {cfg.model_type!r} model; supported architectures: "
+    cfg = json.loads((folder / "config.json").read_text())
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(f"er_ray cannot split a {model_type!r} model; supported architectures: "
                                       f"{', '.join(supported_architectures())}")
-    with torch.device("meta"):
-        from transformers import AutoModel
-
-        layers = num_layers(AutoModel.from_config(cfg))
-    limit = getattr(cfg, "max_position_embeddings", 512) - (2 if cfg.model_type in ("roberta", "mpnet") else 0)
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layers"))
+    hidden = cfg.get("hidden_size", cfg.get("dim"))
+    limit = cfg.get("max_position_embeddings", 512) - (2 if model_type in ("roberta", "mpnet") else 0)
     if max_length > limit:
         raise ModelError(f"max length {max_length} is longer than {name} supports ({limit} tokens)")
     digest = weights_sha256(folder)
     packaged = PACKAGED_MODELS.get(name)
     if packaged and digest != packaged.weights_sha256:
         raise ModelError(f"{folder}: weights sha256 {digest} != the pinned {packaged.weights_sha256}")
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return {"model": name, "folder": str(folder), "weights_sha256": digest, "architecture": cfg.model_type,
-            "num_layers": layers, "hidden_size": cfg.hidden_size, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "max_length": max_length}
+    return {"model": name, "folder": str(folder), "weights_sha256": digest, "architecture": model_type,
+            "num_layers": layers, "hidden_size": hidden,
+            "tokenizer_fingerprint": tokenizer_fingerprint(fast_tokenizer(folder)), "max_length": max_length}
 
 
 def describe_model(name: str) -> dict:

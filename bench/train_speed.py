@@ -1,0 +1,153 @@
+"""Issue 4's figures: recycled training and inference against full fine-tuning, side by side in one run.
+
+    .venv/bin/python bench/train_speed.py --model minilm --task trec --task clothing_department \
+        --max-train-examples 3000 --epochs 2 --seeds 0,1,2
+
+For each task: build the layer-k cache (k = L/2, timed), then with the same epochs, batch size, seed and hardware
+train `finetune` (whole model, from text), recycled `lora` and `bottleneck` (from the cache), and PEFT LoRA on
+every layer from text (no cache: what a PEFT user does today). Reports seconds per epoch and their ratios, test
+accuracy (mean over seeds), the data-loading stall, cache amortisation (build time in finetune epochs), and the
+inference ratio: the test split through the full fine-tuned model from raw text / the recycled model from the
+cache, same batch size, in one process (tokenizing and cache decoding included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from er_ray import cache, encoders, tasks  # noqa: E402
+from er_ray.cluster import connect  # noqa: E402
+from er_ray.predict import load_task_model  # noqa: E402
+from er_ray.train import TrainOptions, train  # noqa: E402
+
+ARMS = {  # name -> TrainOptions overrides
+    "finetune": dict(full_finetune=True, adapter="full"),
+    "recycled_lora": dict(adapter="lora", adapter_size=16),
+    "recycled_bottleneck": dict(adapter="bottleneck", adapter_size=64),
+    "peft_lora_all_layers": dict(adapter="lora", adapter_size=16, from_text=True, cut_layer=0),
+}
+
+
+def inference_seconds(run: Path, source: str, task, cache_dir: str | None, batch_size: int, max_length: int):
+    """Test split through the model, same batch size: from raw text (lower + upper) or from the cache."""
+    from er_ray.cache import decode_hidden
+
+    model, info, enc = load_task_model(run, source)
+    ids = task.splits["test"].column("id").to_pylist()
+    if source == "cache":
+        c = cache.open_cache(cache_dir, info["spec"]["cut_layer"])
+        t = c.read()
+        pos = {i: n for n, i in enumerate(t.column("id").to_pylist())}
+        t = t.take([pos[i] for i in ids])
+    texts = task.splits["test"].column("text").to_pylist()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if source == "cache":
+            flat, off = decode_hidden(t, c.manifest.dtype, enc.hidden_size)
+            rows = [flat[off[i]:off[i + 1]] for i in range(len(ids))]
+        else:
+            rows = [np.asarray(x) for x in enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for s in range(0, len(order), batch_size):
+            g = order[s:s + batch_size]
+            T = len(rows[g[-1]])
+            x = np.zeros((len(g), T) + rows[g[0]].shape[1:], rows[g[0]].dtype)
+            m = np.zeros((len(g), T), np.int64)
+            for j, i in enumerate(g):
+                x[j, :len(rows[i])], m[j, :len(rows[i])] = rows[i], 1
+            model(torch.from_numpy(x), torch.from_numpy(m))
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--task", action="append", default=None)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-train-examples", type=int, default=None)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--work", default="/tmp/er_ray_train_bench")
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args()
+    tasks_ = a.task or ["trec", "clothing_department"]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    arms = a.arms.split(",")
+    connect()
+    fp = encoders.fingerprint(a.model, a.max_length)
+    k = fp["num_layers"] // 2
+    report = {"model": a.model, "cut_layer": k, "epochs": a.epochs, "batch_size": a.batch_size,
+              "max_length": a.max_length, "max_train_examples": a.max_train_examples, "seeds": seeds, "tasks": {}}
+    for name in tasks_:
+        task = tasks.load_task(name)
+        out = Path(a.work) / f"{a.model}-{name}"
+        cache_dir = out / "cache"
+        t0 = time.perf_counter()
+        cache.build_cache(cache.CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
+                                             max_length=a.max_length))
+        cache_s = time.perf_counter() - t0
+        res: dict = {"cache_build_seconds": cache_s, "documents": sum(task.sizes().values()), "arms": {}}
+        for arm in arms:
+            runs = []
+            for seed in seeds:
+                opts = TrainOptions(task=[name], model=a.model, output=str(out), cache=str(cache_dir),
+                                    epochs=a.epochs, patience=a.epochs, batch_size=a.batch_size, seed=seed,
+                                    max_length=a.max_length, max_train_examples=a.max_train_examples,
+                                    **ARMS[arm])
+                m = train(opts)[0]
+                runs.append({k2: m[k2] for k2 in ("dev", "test", "seconds_per_epoch", "examples_per_second",
+                                                  "data_stall", "trainable_parameters", "epochs_run")})
+                runs[-1]["run"] = str(Path(opts.output) / "runs" / next(
+                    p.name for p in (Path(opts.output) / "runs").iterdir()
+                    if p.name.endswith(f"-s{seed}") and _arm_of(p.name) == arm))
+            res["arms"][arm] = {"runs": runs,
+                                "test_mean": float(np.mean([r["test"] for r in runs])),
+                                "test_std": float(np.std([r["test"] for r in runs])),
+                                "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in runs])),
+                                "data_stall": float(np.mean([r["data_stall"] for r in runs]))}
+            print(f"[bench] {name} {arm}: {res['arms'][arm]['seconds_per_epoch']:.1f} s/epoch, "
+                  f"test {res['arms'][arm]['test_mean']:.4f}", flush=True)
+        ft = res["arms"].get("finetune")
+        if ft:
+            for arm, r in res["arms"].items():
+                r["train_speedup_vs_finetune"] = ft["seconds_per_epoch"] / r["seconds_per_epoch"]
+                r["test_minus_finetune_points"] = 100 * (r["test_mean"] - ft["test_mean"])
+            res["cache_build_in_finetune_epochs"] = cache_s / ft["seconds_per_epoch"]
+            if "recycled_lora" in res["arms"]:
+                saved = ft["seconds_per_epoch"] - res["arms"]["recycled_lora"]["seconds_per_epoch"]
+                res["break_even_epochs"] = cache_s / saved if saved > 0 else None
+                ft_run = Path(ft["runs"][0]["run"])
+                rc_run = Path(res["arms"]["recycled_lora"]["runs"][0]["run"])
+                text_s = inference_seconds(ft_run, "text", task, None, 64, a.max_length)
+                cache_s2 = inference_seconds(rc_run, "cache", task, str(cache_dir), 64, a.max_length)
+                res["inference"] = {"text_full_model_seconds": text_s, "cache_recycled_seconds": cache_s2,
+                                    "ratio": text_s / cache_s2, "test_examples": task.sizes()["test"]}
+        report["tasks"][name] = res
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"train_{a.model}.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({t: {arm: {"s/epoch": r["seconds_per_epoch"], "speedup": r.get("train_speedup_vs_finetune"),
+                                "test": r["test_mean"]} for arm, r in v["arms"].items()} | {
+        "inference_ratio": v.get("inference", {}).get("ratio")} for t, v in report["tasks"].items()}, indent=1))
+
+
+def _arm_of(run_name: str) -> str:
+    if "-finetune-" in run_name:
+        return "finetune"
+    if run_name.split("-")[-2] == "text":
+        return "peft_lora_all_layers"
+    return "recycled_lora" if "-lora" in run_name else "recycled_bottleneck"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Predictions from a trained task model: over a corpus's cache (upper layers only) or over raw text (lower +
+upper), with Ray Data. Both give the same labels on the same documents.
+
+    er-ray predict --run runs/runs/trec-k3-lora16-s0 --corpus trec --cache runs/caches/... --output preds/
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import ErRayError, OptionsError
+
+
+class PredictError(ErRayError):
+    pass
+
+
+@dataclass
+class PredictOptions:
+    run: str
+    """a trained run's directory (holding model/task.json), as `er-ray train` prints it"""
+    corpus: list[str]
+    """documents to label: a built-in task name (all its documents) or corpus files / directories"""
+    output: str
+    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word)"""
+    cache: str | None = None
+    """read layer-k states from this cache instead of running the lower layers on raw text"""
+    id_column: str = "id"
+    """column holding document ids"""
+    text_column: str = "text"
+    """column holding the text (or list of words)"""
+    batch_size: int = 64
+    """documents per forward pass"""
+    workers: int | None = None
+    """predictor actors (default: one per GPU, else one)"""
+
+    def __post_init__(self):
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if self.batch_size < 1:
+            raise OptionsError("--batch-size must be at least 1")
+
+
+def load_task_model(run: str | Path, source: str = "cache", merge: bool = True):
+    """A trained task model from its run directory: (TaskModel in eval mode, task.json, Encoder)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from . import encoders
+    from .model import ModelSpec, TaskModel
+
+    run = Path(run)
+    d = run / "model" if (run / "model" / "task.json").exists() else run
+    if not (d / "task.json").exists():
+        raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
+    info = json.loads((d / "task.json").read_text())
+    enc = encoders.load_encoder(info["model"])
+    if enc.weights_sha256 != info["weights_sha256"]:
+        raise PredictError(f"{run} was trained on weights {info['weights_sha256'][:12]}..., "
+                           f"but {info['model']} now has {enc.weights_sha256[:12]}...")
+    spec = ModelSpec(**{**info["spec"], "source": source, "full_finetune": False})
+    model = TaskModel(enc.model, spec)
+    state = load_file(d / "trainable.safetensors")
+    named = dict(model.named_parameters())
+    if unknown := set(state) - set(named):
+        raise PredictError(f"{run}: weights {sorted(unknown)[:3]} do not fit this model")
+    with torch.no_grad():
+        for k, v in state.items():
+            named[k].copy_(v)
+    model.eval()
+    if merge:
+        model.merge_lora()
+    return model, info, enc
+
+
+class Predictor:
+    """Ray Data actor: labels for a batch of cache rows or texts."""
+
+    def __init__(self, run: str, source: str, batch_size: int, threads: int | None = None,
+                 cache_dtype: str | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.info, self.enc = load_task_model(run, source)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.source, self.batch_size = source, batch_size
+        self.labels = self.info["labels"]
+        self.token = self.info["spec"]["task_type"] == "token_classification"
+        self.cache_dtype = cache_dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from .cache import decode_hidden
+
+        n = batch.num_rows
+        if self.source == "cache":
+            flat, off = decode_hidden(batch, self.cache_dtype, self.enc.hidden_size)
+            rows = [flat[off[i]:off[i + 1]] for i in range(n)]
+            wids = batch.column("word_ids").to_pylist() if self.token else None
+            pad = 0.0
+        else:
+            enc = self.enc.tokenizer(batch.column("text").to_pylist(), truncation=True,
+                                     max_length=self.info["max_length"], is_split_into_words=self.token)
+            rows = [np.asarray(x, np.int64) for x in enc["input_ids"]]
+            wids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(n)] if self.token else None
+            pad = self.enc.tokenizer.pad_token_id or 0
+        labels: list[Any] = [None] * n
+        scores: list[Any] = [None] * n
+        order = sorted(range(n), key=lambda i: len(rows[i]))
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                g = order[s:s + self.batch_size]
+                T = max(len(rows[i]) for i in g)
+                x = np.full((len(g), T) + rows[g[0]].shape[1:], pad, dtype=rows[g[0]].dtype)
+                mask = np.zeros((len(g), T), np.int64)
+                for j, i in enumerate(g):
+                    x[j, :len(rows[i])] = rows[i]
+                    mask[j, :len(rows[i])] = 1
+                probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device),
+                                                 torch.from_numpy(mask).to(self.device)).float(), -1).cpu()
+                p, y = probs.max(-1)
+                for j, i in enumerate(g):
+                    if not self.token:
+                        labels[i], scores[i] = self.labels[int(y[j])], float(p[j])
+                        continue
+                    tags, conf, seen = [], [], set()
+                    for t, w in enumerate(wids[i]):  # first subword of each word carries the word's tag
+                        if w >= 0 and w not in seen:
+                            seen.add(w)
+                            tags.append(self.labels[int(y[j, t])])
+                            conf.append(float(p[j, t]))
+                    labels[i], scores[i] = tags, conf
+        out = {"id": batch.column("id")}
+        if self.token:
+            out["tags"] = pa.array(labels, pa.list_(pa.string()))
+            out["scores"] = pa.array(scores, pa.list_(pa.float32()))
+        else:
+            out["label"] = pa.array(labels, pa.string())
+            out["score"] = pa.array(scores, pa.float32())
+        return pa.table(out)
+
+
+def predict(opts: PredictOptions) -> Path:
+    """Label every document of a corpus with a trained task model; writes OUTPUT/*.parquet and returns OUTPUT."""
+    import ray
+    import ray.data
+    import pyarrow.parquet as pq
+
+    from . import encoders
+    from .cache import KEY_FIELDS, open_cache, resolve_corpus
+    from .cluster import cluster_cpus, cluster_gpus, connect
+
+    run = Path(opts.run)
+    if not (run / "model" / "task.json").exists():
+        raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
+    info = json.loads((run / "model" / "task.json").read_text())
+    connect()
+    if opts.cache:
+        k = info["spec"]["cut_layer"]
+        fp = encoders.fingerprint(info["model"], info["max_length"])
+        c = open_cache(opts.cache, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
+        cache_dtype = c.manifest.dtype
+        cols = ["id", "length", "hidden"] + (["scale"] if c.manifest.dtype == "int8" else []) + \
+               (["word_ids"] if c.manifest.token_classification else [])
+        ds = c.dataset(columns=cols)
+        if opts.corpus:  # only the corpus's documents
+            corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
+            wanted = {i for f in corpus.files for i in _ids(f, corpus.id_column)}
+            ds = ds.filter(lambda r: r["id"] in wanted)
+        source = "cache"
+    else:
+        corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
+        tables = [_read(f, corpus.id_column, corpus.text_column) for f in corpus.files]
+        ds = ray.data.from_arrow(pa.concat_tables(tables))
+        source, cache_dtype = "text", None
+    gpus = cluster_gpus()
+    workers = opts.workers or max(1, gpus)
+    threads = None if gpus else max(1, int(cluster_cpus()) // workers)
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"run": str(run), "source": source,
+                                                           "batch_size": opts.batch_size, "threads": threads,
+                                                           "cache_dtype": cache_dtype},
+                         batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
+                         num_gpus=1 if gpus else 0, num_cpus=1)
+    dest = Path(opts.output)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+    pq.write_table(table, dest / "predictions.parquet")
+    print(f"[er_ray predict] {table.num_rows:,} documents labelled from {source} -> {dest}", file=sys.stderr)
+    return dest
+
+
+def _ids(file: str, id_column: str) -> list[str]:
+    from .tasks import read_table
+
+    return [str(x) for x in read_table(file).column(id_column).to_pylist()]
+
+
+def _read(file: str, id_column: str, text_column: str) -> pa.Table:
+    from .tasks import read_table
+
+    t = read_table(file)
+    return pa.table({"id": pa.array([str(x) for x in t.column(id_column).to_pylist()]),
+                     "text": t.column(text_column)})

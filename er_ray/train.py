@@ -1,0 +1,627 @@
+"""Training task models: recycled (from the layer-k cache) or full fine-tuning (from text), on Ray Train + DeepSpeed.
+
+Every run is a `TorchTrainer` whose workers wrap the task model in a DeepSpeed engine (ZeRO stage 0/1/2; fp32 or
+bf16 on CPU, fp16 or bf16 on GPU). Data comes through Ray Data (`get_dataset_shard`), ragged cache rows are
+bucketed by length and padded per batch. Dev metric every epoch, early stopping, checkpoints of the trainable
+weights and optimizer state (never the frozen model), resume after a worker dies. Several tasks train at once,
+each its own TorchTrainer, sharing the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import ErRayError, OptionsError
+from .model import ADAPTERS, Adapter
+
+IGNORE = -100
+DEFAULT_LR = {"lora": 1e-3, "bottleneck": 1e-3, "full": 1e-4}
+
+
+class TrainError(ErRayError):
+    pass
+
+
+@dataclass
+class TrainOptions:
+    task: list[str]
+    """task(s): built-in names or spec files; several train concurrently over one cache"""
+    model: str = "minilm"
+    """packaged model name, local folder, or hub id"""
+    cut_layer: int | None = None
+    """cut layer k: the task model runs layers k+1..L (default: half the layers)"""
+    adapter: Adapter = "lora"
+    """lora (PEFT, size = rank), bottleneck (Houlsby, size = width) or full (upper layers fully trained)"""
+    adapter_size: int = 16
+    """LoRA rank or bottleneck width"""
+    cache: str | None = None
+    """cache directory (default: OUTPUT/caches/<corpus>, built if missing: tasks sharing a corpus share it)"""
+    output: str = "runs"
+    """where runs, caches and the results table go"""
+    epochs: int = 3
+    """passes over the training data at most (early stopping may end sooner)"""
+    patience: int = 2
+    """stop after this many epochs without a better dev metric"""
+    batch_size: int = 32
+    """examples per step per worker"""
+    learning_rate: float | None = None
+    """peak learning rate (default: 1e-3 for lora and bottleneck, 1e-4 for full)"""
+    max_length: int = 128
+    """tokens per document at most (must match the cache)"""
+    workers: int = 1
+    """Ray Train workers per task (data parallel)"""
+    cpus_per_worker: float | None = None
+    """CPUs Ray reserves per worker (default: a share that leaves room for Ray Data and concurrent tasks)"""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1 or 2"""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: fp32 on CPU, bf16 (or fp16 where bf16 is missing) on GPU; fp16 needs a GPU"""
+    seed: int = 0
+    """seed for the head, adapters and data order"""
+    max_train_examples: int | None = None
+    """train on at most this many examples (quick runs); dev and test stay whole"""
+    max_failures: int = 2
+    """times a run restarts from its last checkpoint after a worker dies"""
+    dtype: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
+    """cache dtype when er_ray builds the cache"""
+    full_finetune: bool = False
+    """train the whole model from text (the baseline), instead of a recycled model from the cache"""
+    from_text: bool = False
+    """run layers 1..k on raw text every step instead of reading the cache (with --cut-layer 0 and --adapter
+    lora: PEFT LoRA on every layer, what a PEFT user does without er_ray)"""
+
+    def __post_init__(self):
+        if isinstance(self.task, str):
+            self.task = [self.task]
+        if not self.task:
+            raise OptionsError("name at least one --task")
+        if self.adapter not in ADAPTERS:
+            raise OptionsError(f"--adapter must be one of {', '.join(ADAPTERS)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise OptionsError("--zero-stage must be 0, 1 or 2 (ZeRO-3 is not supported: it partitions the frozen "
+                               "weights too and makes adapter checkpoints costly)")
+        for name in ("epochs", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.full_finetune:
+            self.adapter = "full"
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or DEFAULT_LR[self.adapter]
+
+
+def _log(msg: str) -> None:
+    print(f"[er_ray train] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def bio_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """Entity spans of a BIO sequence as seqeval (default mode) / conlleval read it: an I- without a matching
+    open entity starts a new one."""
+    spans, start, kind = set(), None, None
+    for i, t in enumerate(list(tags) + ["O"]):
+        prefix, _, typ = t.partition("-")
+        if start is not None and (prefix in ("O", "B") or typ != kind):
+            spans.add((kind, start, i))
+            start, kind = None, None
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, typ
+    return spans
+
+
+def span_counts(gold: list[str], pred: list[str]) -> tuple[int, int, int]:
+    g, p = bio_spans(gold), bio_spans(pred)
+    return len(g & p), len(p - g), len(g - p)
+
+
+def f1(tp: float, fp: float, fn: float) -> float:
+    return 2 * tp / max(2 * tp + fp + fn, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: ragged rows -> bucketed, padded tensors
+
+
+def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, tokenizer=None, max_length: int = 128):
+    """Yield (inputs, mask, labels, word_ids | None) from a Ray Data shard iterator of Arrow batches.
+
+    Rows are read in chunks of 8 batches, sorted by length within the chunk (little padding) and the batch order
+    shuffled; the chunking also bounds memory."""
+    import torch
+
+    from .cache import decode_hidden
+
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    for chunk in ds_iter.iter_batches(batch_size=batch_size * 8, batch_format="pyarrow",
+                                      local_shuffle_buffer_size=batch_size * 32 if rng is not None else None,
+                                      local_shuffle_seed=shuffle_seed):
+        n = chunk.num_rows
+        if spec["source"] == "cache":
+            flat, off = decode_hidden(chunk, spec["cache_dtype"], spec["hidden"])
+            rows = [flat[off[i]:off[i + 1]] for i in range(n)]
+        else:
+            words = chunk.column("text").to_pylist()
+            enc = tokenizer(words, truncation=True, max_length=max_length,
+                            is_split_into_words=spec["task_type"] == "token_classification")
+            rows = [np.asarray(x, np.int64) for x in enc["input_ids"]]
+        if spec["task_type"] == "token_classification":
+            wids = (chunk.column("word_ids").to_pylist() if spec["source"] == "cache"
+                    else [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(n)])
+            labels = chunk.column("label").to_pylist()
+        else:
+            wids, labels = None, chunk.column("label").to_pylist()
+        order = sorted(range(n), key=lambda i: len(rows[i]))
+        groups = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        if rng is not None:
+            rng.shuffle(groups)
+        for g in groups:
+            T = max(len(rows[i]) for i in g)
+            shape = (len(g), T) + rows[g[0]].shape[1:]
+            x = np.zeros(shape, dtype=rows[g[0]].dtype)
+            if spec["source"] == "text":
+                x[:] = spec["pad_id"]
+            mask = np.zeros((len(g), T), dtype=np.int64)
+            for j, i in enumerate(g):
+                x[j, :len(rows[i])] = rows[i]
+                mask[j, :len(rows[i])] = 1
+            if wids is None:
+                y = torch.tensor([labels[i] for i in g])
+                w = None
+            else:
+                from .model import token_labels
+
+                y = torch.full((len(g), T), IGNORE, dtype=torch.long)
+                for j, i in enumerate(g):
+                    y[j, :len(rows[i])] = torch.tensor(token_labels(wids[i], labels[i]))
+                w = [wids[i] for i in g]
+            yield torch.from_numpy(x), torch.from_numpy(mask), y, w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop every Ray Train worker runs
+
+
+def _deepspeed_config(batch_size: int, world: int, zero: int, precision: str) -> dict:
+    return {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": batch_size * world, "zero_optimization": {"stage": zero},
+            "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+            "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _init_deepspeed(model, optimizer, scheduler, cfg: dict, cpu: bool):
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+
+    # On CPU DeepSpeed JIT-compiles a shared-memory collective op (~50 s, at every start) unless told not to; we
+    # use plain gloo. `import deepspeed.comm.torch as m` would bind the real torch module: patch via sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")  # wraps the group Ray Train made
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+    return engine
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from . import encoders
+    from .model import ModelSpec, TaskModel
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    device = ray.train.torch.get_device()
+    cpu = device.type == "cpu"
+    enc = encoders.load_encoder(config["model"])
+    spec = ModelSpec(**config["model_spec"])
+    model = TaskModel(enc.model, spec).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.01)
+    steps_per_epoch = max(1, -(-config["train_rows"] // (config["batch_size"] * world)))
+    total = steps_per_epoch * config["epochs"]
+    warmup = max(1, int(0.06 * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    engine = _init_deepspeed(model, optimizer, scheduler,
+                             _deepspeed_config(config["batch_size"], world, config["zero_stage"],
+                                               config["precision"]), cpu)
+    data_spec = dict(config["data_spec"], pad_id=enc.tokenizer.pad_token_id or 0)
+    tok = enc.tokenizer if spec.source == "text" else None
+
+    start_epoch, best, best_state, stale, history, stopped = 0, -1.0, None, 0, [], False
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a failure: DeepSpeed state (trainable weights, optimizer, scheduler) + our bookkeeping
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="latest_ds", load_module_strict=False)
+            state = json.loads((Path(d) / "loop.json").read_text())
+            start_epoch, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
+            stopped = state.get("stopped", False)  # a finished run is not trained again
+            if rank == 0:
+                print(f"[er_ray train] {config['task']}: resuming after epoch {start_epoch}", flush=True)
+            best_state = torch.load(Path(d) / "best.pt", weights_only=True) if (Path(d) / "best.pt").exists() \
+                else None
+
+    def evaluate(split: str) -> dict:
+        engine.eval()
+        correct = tp = fp = fn = tokens_ok = tokens_all = 0
+        with torch.no_grad():
+            for x, mask, y, wids in batches(ray.train.get_dataset_shard(split), data_spec, config["batch_size"],
+                                            None, tok, config["max_length"]):
+                logits = engine(x.to(device), mask.to(device)).float().cpu()
+                pred = logits.argmax(-1)
+                if wids is None:
+                    correct += int((pred == y).sum())
+                    tokens_all += len(y)
+                else:
+                    keep = y != IGNORE
+                    tokens_ok += int((pred[keep] == y[keep]).sum())
+                    tokens_all += int(keep.sum())
+                    names = config["labels"]
+                    for j in range(len(y)):
+                        g = [names[t] for t in y[j][keep[j]].tolist()]
+                        p = [names[t] for t in pred[j][keep[j]].tolist()]
+                        a, b, c = span_counts(g, p)
+                        tp, fp, fn = tp + a, fp + b, fn + c
+        counts = torch.tensor([correct, tp, fp, fn, tokens_ok, tokens_all], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        correct, tp, fp, fn, tokens_ok, tokens_all = counts.tolist()
+        engine.train()
+        if spec.task_type == "classification":
+            return {"accuracy": correct / max(tokens_all, 1), "examples": int(tokens_all)}
+        return {"span_f1": f1(tp, fp, fn), "token_accuracy": tokens_ok / max(tokens_all, 1),
+                "examples": int(tokens_all)}
+
+    metric = config["metric"]
+    engine.train()
+    for epoch in range(start_epoch, config["epochs"] if not stopped else 0):
+        t0 = time.perf_counter()
+        data_s = step_s = 0.0
+        loss_sum, n_steps, n_ex = 0.0, 0, 0
+        it = batches(ray.train.get_dataset_shard("train"), data_spec, config["batch_size"],
+                     config["seed"] * 1000 + epoch, tok, config["max_length"])
+        while True:
+            td = time.perf_counter()
+            nxt = next(it, None)
+            data_s += time.perf_counter() - td
+            if nxt is None:
+                break
+            x, mask, y, _ = nxt
+            ts = time.perf_counter()
+            logits = engine(x.to(device), mask.to(device))
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     y.to(device).reshape(-1), ignore_index=IGNORE)
+            engine.backward(loss)
+            engine.step()
+            step_s += time.perf_counter() - ts
+            loss_sum += float(loss)
+            n_steps += 1
+            n_ex += len(y)
+        train_s = time.perf_counter() - t0
+        dev = evaluate("dev")
+        improved = dev[metric] > best
+        if improved:
+            best, stale = dev[metric], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+        else:
+            stale += 1
+        row = {"epoch": epoch + 1, "resumed": bool(ckpt) and epoch == start_epoch,
+               "train_loss": loss_sum / max(n_steps, 1), f"dev_{metric}": dev[metric],
+               "train_seconds": train_s, "examples_per_second": n_ex * world / max(train_s, 1e-9),
+               "data_seconds": data_s, "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9)}
+        history.append(row)
+        stop = stale >= config["patience"] or epoch + 1 == config["epochs"]
+        with tempfile.TemporaryDirectory() as d:
+            # every rank saves (ZeRO partitions optimizer state); frozen weights are left out
+            engine.save_checkpoint(d, tag="latest_ds", exclude_frozen_parameters=True)
+            if rank == 0:
+                (Path(d) / "loop.json").write_text(json.dumps({"epoch": epoch, "best": best, "stale": stale,
+                                                               "history": history, "stopped": stop}))
+                if best_state is not None:
+                    torch.save(best_state, Path(d) / "best.pt")
+            if stop:
+                final = _finish(model, best_state, evaluate, history, config, spec, enc, Path(d), rank,
+                                {"world_size": world, "global_steps": engine.global_steps,
+                                 "zero_stage": engine.zero_optimization_stage(),
+                                 "optimizer": type(engine.optimizer).__name__})
+                row.update(final)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if stop:
+            break
+
+
+def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, rank: int, ds: dict) -> dict:
+    """Best weights back in, dev and test scores, and the exported model (rank 0) inside the last checkpoint."""
+    import torch
+
+    if best_state is not None:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for k, v in best_state.items():
+                named[k].copy_(v)
+    dev, test = evaluate("dev"), evaluate("test") if config["has_test"] else {}
+    metric = config["metric"]
+    train_s = sum(h["train_seconds"] for h in history)
+    metrics = {"task": config["task"], "model": config["model"], "metric": metric,
+               "dev": dev.get(metric), "test": test.get(metric), "dev_all": dev, "test_all": test,
+               "cut_layer": spec.cut_layer, "adapter": spec.adapter,
+               "adapter_size": None if spec.adapter == "full" else spec.adapter_size,
+               "recycled": spec.source == "cache", "full_finetune": spec.full_finetune,
+               "train_seconds": train_s, "epochs_run": len(history),
+               "seconds_per_epoch": train_s / max(len(history), 1),
+               "examples_per_second": float(np.mean([h["examples_per_second"] for h in history])),
+               "data_stall": float(np.mean([h["data_stall"] for h in history])),
+               "trainable_parameters": model.num_trainable(), "learning_rate": config["lr"],
+               "batch_size": config["batch_size"], "workers": config["workers"], "precision": config["precision"],
+               "zero_stage": config["zero_stage"], "seed": config["seed"], "deepspeed": ds, "history": history}
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        out = d / "model"
+        out.mkdir()
+        save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, out / "trainable.safetensors")
+        (out / "task.json").write_text(json.dumps({"spec": spec.to_json(), "labels": config["labels"],
+                                                   "model": config["model"], "weights_sha256": enc.weights_sha256,
+                                                   "max_length": config["max_length"],
+                                                   "cache_dtype": config["data_spec"].get("cache_dtype")},
+                                                  indent=1))
+        if model.peft is not None:  # loadable with plain transformers + peft
+            model.peft.save_pretrained(str(out / "peft_adapter"))
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {"final": True, "dev": dev.get(metric), "test": test.get(metric)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _label_index(task) -> dict[str, Any]:
+    """id -> label index (classification) or list of tag indices (token classification), per split."""
+    index = {y: i for i, y in enumerate(task.labels)}
+    out = {}
+    for split, t in task.splits.items():
+        if task.type == "classification":
+            out[split] = dict(zip(t.column("id").to_pylist(), (index[y] for y in t.column("label").to_pylist())))
+        else:
+            out[split] = dict(zip(t.column("id").to_pylist(),
+                                  ([index[y] for y in tags] for tags in t.column("tags").to_pylist())))
+    return out
+
+
+def _attach_labels(batch: pa.Table, labels: dict[str, Any], token: bool) -> pa.Table:
+    ids = batch.column("id").to_pylist()
+    keep = [i for i, x in enumerate(ids) if x in labels]
+    batch = batch.take(pa.array(keep, pa.int64()))
+    ys = [labels[ids[i]] for i in keep]
+    return batch.append_column("label", pa.array(ys, pa.list_(pa.int32()) if token else pa.int32()))
+
+
+def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
+    """Ray Datasets per split: cache rows (or texts) of the split's documents with their labels, materialized."""
+    import ray.data
+
+    labels = _label_index(task)
+    if max_train and len(labels["train"]) > max_train:
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(sorted(labels["train"]), size=max_train, replace=False))
+        labels["train"] = {k: labels["train"][k] for k in keep}
+    token = task.type == "token_classification"
+    out = {}
+    if source == "cache":
+        have = set(cache_obj.ids())
+        missing = [i for split in labels.values() for i in split if i not in have]
+        if missing:
+            raise TrainError(f"task {task.name}: {len(missing):,} of its documents are missing from the cache "
+                             f"{cache_obj.path} (e.g. {missing[0]!r}); build the cache over the task's corpus")
+        cols = ["id", "length", "hidden"] + (["scale"] if cache_obj.manifest.dtype == "int8" else []) + \
+               (["word_ids"] if token else [])
+        base = cache_obj.dataset(columns=cols)
+        for split, lab in labels.items():
+            out[split] = base.map_batches(_attach_labels, fn_kwargs={"labels": lab, "token": token},
+                                          batch_format="pyarrow", num_cpus=0.25).materialize()
+    else:
+        for split, lab in labels.items():
+            t = task.splits[split]
+            t = t.select(["id", task.input_column]).rename_columns(["id", "text"])
+            out[split] = ray.data.from_arrow(_attach_labels(t, lab, token)).materialize()
+    return {"datasets": out, "rows": {s: len(v) for s, v in labels.items()}}
+
+
+def _ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
+    from . import cache
+
+    root = opts.cache or str(Path(opts.output) / "caches" / f"{task.spec.corpus}-{fp['model']}-{opts.max_length}")
+    try:
+        return cache.open_cache(root, k, expect=fp)
+    except cache.CacheMismatch:
+        raise
+    except cache.CacheError:
+        if opts.cache and Path(root, f"layer={k}").exists():
+            raise
+    _log(f"no cache for {task.spec.corpus} at layer {k} in {root}: building it")
+    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=root, model=opts.model,
+                                         cut_layer=[k], dtype=opts.dtype, max_length=opts.max_length,
+                                         text_column=task.input_column))
+    return cache.open_cache(root, k, expect=fp)
+
+
+def _corpus_file(task) -> str:
+    if isinstance(task.spec.files, str) and task.spec.id_column == "id":
+        return task.spec.files
+    from .assets import home
+
+    path = home() / "corpora" / f"{task.spec.corpus}.parquet"  # a user task's documents, normalised
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(task.documents(), path)
+    return str(path)
+
+
+def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
+    """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config."""
+    from . import encoders, tasks
+    from .cache import KEY_FIELDS
+
+    task = tasks.load_task(task_name)
+    fp = encoders.fingerprint(opts.model, opts.max_length)
+    k = fp["num_layers"] // 2 if opts.cut_layer is None else opts.cut_layer
+    if opts.full_finetune:
+        k = 0
+    if not 0 <= k <= fp["num_layers"]:
+        raise OptionsError(f"--cut-layer {k} out of range: {fp['model']} has layers 0..{fp['num_layers']}")
+    source = "text" if opts.full_finetune or opts.from_text else "cache"
+    cache_obj = None
+    if source == "cache":
+        cache_obj = _ensure_cache(opts, task, {f: fp[f] for f in KEY_FIELDS if f in fp}, k)
+    data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
+    if "dev" not in data["datasets"]:
+        raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
+    token = task.type == "token_classification"
+    pooling = "cls"
+    enc_pool = encoders.PACKAGED_MODELS.get(fp["model"])
+    if enc_pool is not None or (Path(fp["folder"]) / "1_Pooling").exists():
+        pooling = encoders._pooling(Path(fp["folder"]))
+    spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size,
+            "task_type": task.type, "num_labels": len(task.labels), "pooling": pooling, "source": source,
+            "full_finetune": opts.full_finetune}
+    name = f"{task.name}-{'finetune' if opts.full_finetune else f'k{k}-{opts.adapter}'}" + \
+           ("" if opts.adapter == "full" else f"{opts.adapter_size}") + \
+           ("-text" if opts.from_text and not opts.full_finetune else "") + f"-s{opts.seed}"
+    config = {"task": task.name, "model": opts.model, "model_spec": spec, "labels": task.labels,
+              "metric": "span_f1" if token else "accuracy", "lr": opts.lr, "epochs": opts.epochs,
+              "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
+              "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length,
+              "workers": opts.workers, "train_rows": data["rows"]["train"], "has_test": "test" in data["datasets"],
+              "data_spec": {"source": source, "task_type": task.type, "hidden": fp["hidden_size"],
+                            "cache_dtype": cache_obj.manifest.dtype if cache_obj else None}}
+    return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
+
+
+def _resources(opts: TrainOptions, concurrent_workers: int) -> tuple[float, int | None, bool]:
+    from .cluster import cluster_cpus, cluster_gpus
+
+    gpus = cluster_gpus()
+    cpus = cluster_cpus()
+    # Ray Train reserves a CPU per worker by default; on a small machine that starves Ray Data's read tasks and
+    # the run hangs silently. Reserve a share that leaves a quarter of the CPUs free.
+    per = opts.cpus_per_worker or max(0.1, min(1.0, 0.75 * cpus / max(concurrent_workers, 1)))
+    threads = None if gpus else max(1, int(cpus // max(concurrent_workers, 1)))
+    return per, threads, gpus > 0
+
+
+def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, callbacks=()) -> dict[str, Any]:
+    """One TorchTrainer run; returns metrics.json's content and writes the run's outputs under OUTPUT/runs/."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    per, threads, use_gpu = _resources(opts, concurrent_workers)
+    config = dict(plan["config"], threads=threads)
+    precision = opts.precision
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    if precision == "fp16" and not use_gpu:
+        raise OptionsError("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    config["precision"] = precision
+    storage = str(Path(opts.output, "ray").resolve())
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": per, **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=plan["name"], storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                                       callbacks=list(callbacks)),
+        datasets=plan["datasets"])
+    _log(f"{plan['name']}: {plan['rows']} rows, {opts.workers} worker(s) x {per:.2f} CPU, {precision}")
+    result = trainer.fit()
+    if result.error:
+        raise TrainError(f"{plan['name']} failed: {result.error}")
+    out = Path(opts.output) / "runs" / plan["name"]
+    with result.checkpoint.as_directory() as d:
+        if not (Path(d) / "metrics.json").exists():
+            raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        import shutil
+
+        shutil.copytree(Path(d) / "model", out / "model")
+        metrics = json.loads((Path(d) / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    _log(f"{plan['name']}: dev {metrics['metric']} {metrics['dev']:.4f}, test {metrics['test']}, "
+         f"{metrics['seconds_per_epoch']:.1f} s/epoch -> {out}")
+    return metrics
+
+
+def train(opts: TrainOptions) -> list[dict[str, Any]]:
+    """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table."""
+    from .cluster import connect
+
+    connect()
+    plans = [plan_run(opts, t) for t in opts.task]
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run(p):
+        try:
+            results[p["name"]] = fit_run(p, opts, concurrent_workers=len(plans) * opts.workers)
+        except BaseException as e:  # reported after the others finish: one failed task does not lose the rest
+            errors[p["name"]] = e
+
+    threads = [threading.Thread(target=run, args=(p,), name=p["name"]) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = [results[p["name"]] for p in plans if p["name"] in results]
+    write_results(rows, Path(opts.output))
+    if errors:
+        name, e = next(iter(errors.items()))
+        raise TrainError(f"{len(errors)} of {len(plans)} runs failed; {name}: {e}") from e
+    return rows
+
+
+RESULT_COLUMNS = ["task", "model", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size", "recycled",
+                  "full_finetune", "train_seconds", "seconds_per_epoch", "examples_per_second", "epochs_run",
+                  "trainable_parameters", "learning_rate", "seed", "data_stall"]
+
+
+def write_results(rows: list[dict[str, Any]], output: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from .report import format_table
+
+    if not rows:
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    table = [{c: r.get(c) for c in RESULT_COLUMNS} for r in rows]
+    pq.write_table(pa.Table.from_pylist(table), output / "results.parquet")
+    (output / "results.md").write_text(format_table(table, RESULT_COLUMNS, markdown=True) + "\n")
+    print(format_table(table, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
+                               "seconds_per_epoch", "trainable_parameters"]))

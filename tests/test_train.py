@@ -1,0 +1,186 @@
+"""Task models from the cache: real Ray Train + DeepSpeed, the real MiniLM, real tasks."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from er_ray import predict, tasks
+from er_ray.train import TrainOptions, bio_spans, f1, span_counts, train
+
+ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+FAST = dict(epochs=2, batch_size=32, max_length=64, max_train_examples=1200)
+
+
+def majority(task) -> float:
+    labels = task.splits["test"].column("label").to_pylist()
+    return max(labels.count(y) for y in set(labels)) / len(labels)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def trec_lora(ray_local, out):
+    return train(TrainOptions(task=["trec"], adapter="lora", adapter_size=8, output=str(out), **FAST))[0]
+
+
+def test_recycled_lora_learns_trec(trec_lora, out):
+    m = trec_lora
+    base = majority(tasks.load_task("trec"))
+    assert m["metric"] == "accuracy" and m["recycled"] and m["cut_layer"] == 3
+    assert m["test"] >= base + 0.4, f"test accuracy {m['test']:.3f} vs majority {base:.3f}"
+    assert m["trainable_parameters"] == 3 * 2 * (384 * 8 * 2) + 384 * 6 + 6  # LoRA on 3 upper layers + head
+    run = out / "runs" / "trec-k3-lora8-s0"
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("task", "metric", "dev", "test", "train_seconds", "examples_per_second", "trainable_parameters",
+                "cut_layer", "adapter", "adapter_size", "model"):
+        assert saved[key] is not None, key
+    assert (run / "model" / "peft_adapter" / "adapter_config.json").exists()
+    assert (out / "results.parquet").exists()
+
+
+@pytest.mark.parametrize("adapter,size", [("bottleneck", 32), ("full", 0)])
+def test_recycled_bottleneck_and_full_learn_trec(ray_local, out, adapter, size):
+    lr = 1e-3 if adapter == "bottleneck" else 1e-4
+    m = train(TrainOptions(task=["trec"], adapter=adapter, adapter_size=size or 16, learning_rate=lr,
+                           output=str(out), **FAST))[0]
+    assert m["adapter"] == adapter
+    assert m["test"] >= majority(tasks.load_task("trec")) + 0.4, m["test"]
+    if adapter == "full":
+        assert m["trainable_parameters"] > 5_000_000  # three whole transformer layers of MiniLM
+
+
+def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_path):
+    run = out / "runs" / "trec-k3-lora8-s0"
+    cache_dir = next((out / "caches").iterdir())
+    a = predict.predict(predict.PredictOptions(run=str(run), corpus=["trec"], cache=str(cache_dir),
+                                               output=str(tmp_path / "from_cache")))
+    b = predict.predict(predict.PredictOptions(run=str(run), corpus=["trec"], output=str(tmp_path / "from_text")))
+    ca = {r["id"]: r for r in pq.read_table(a / "predictions.parquet").to_pylist()}
+    tb = {r["id"]: r for r in pq.read_table(b / "predictions.parquet").to_pylist()}
+    assert len(ca) == len(tb) == 5452
+    agree = sum(ca[i]["label"] == tb[i]["label"] for i in ca) / len(ca)
+    assert agree == 1.0, agree  # fp16 cache vs fp32 text: the same labels
+    # plain transformers + peft, no er_ray model code: base model + saved adapter + saved head
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from er_ray.encoders import PACKAGED_MODELS
+
+    folder = PACKAGED_MODELS["minilm"].folder()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(folder), str(run / "model" / "peft_adapter"))
+    peft_model.eval()
+    head = load_file(run / "model" / "trainable.safetensors")
+    w, bias = head["classifier.weight"], head["classifier.bias"]
+    labels = json.loads((run / "model" / "task.json").read_text())["labels"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    docs = tasks.load_task("trec").splits["test"].slice(0, 64)
+    enc = tok(docs.column("text").to_pylist(), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = peft_model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        logits = ((h * m).sum(1) / m.sum(1)) @ w.T + bias
+    plain = [labels[i] for i in logits.argmax(-1).tolist()]
+    assert plain == [tb[i]["label"] for i in docs.column("id").to_pylist()]
+
+
+def test_wnut16_reports_span_f1(ray_local, out):
+    m = train(TrainOptions(task=["wnut16"], adapter="lora", adapter_size=8, output=str(out), epochs=2,
+                           batch_size=16, max_length=64, learning_rate=2e-3))[0]
+    assert m["metric"] == "span_f1" and 0.0 <= m["test"] <= 1.0
+    assert "token_accuracy" in m["test_all"] and m["test_all"]["token_accuracy"] > 0.85  # mostly O tags
+    assert m["dev"] > 0.0  # finds some entities after two epochs
+
+
+def test_span_f1_follows_seqeval():
+    assert bio_spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
+    assert bio_spans(["I-PER", "I-PER", "B-PER"]) == {("PER", 0, 2), ("PER", 2, 3)}  # I- opens a span
+    assert bio_spans(["B-PER", "I-LOC"]) == {("PER", 0, 1), ("LOC", 1, 2)}
+    tp, fp, fn = span_counts(["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "I-PER", "O", "O"])
+    assert (tp, fp, fn) == (1, 0, 1) and f1(tp, fp, fn) == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def clothing_small(tmp_path_factory):
+    """Three task specs over one 900-review corpus: one cache, three task models."""
+    d = tmp_path_factory.mktemp("clothing")
+    docs = {r["id"]: r["text"] for r in tasks.load_task("clothing_rating").documents().slice(0, 900).to_pylist()}
+    specs = []
+    for name in ("clothing_rating", "clothing_recommended", "clothing_department"):
+        t = tasks.load_task(name)
+        rows = [r | {"split": s} for s, tab in t.splits.items() for r in tab.to_pylist() if r["id"] in docs]
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{name}.parquet")
+        spec = d / f"{name}.yaml"
+        spec.write_text(f"name: small_{name}\nfiles: {name}.parquet\ncorpus: clothing_small\n")
+        specs.append(str(spec))
+    return specs
+
+
+def test_three_tasks_train_concurrently_over_one_cache(ray_local, clothing_small, tmp_path):
+    t0 = time.time()
+    rows = train(TrainOptions(task=clothing_small, adapter="lora", adapter_size=8, output=str(tmp_path), epochs=1,
+                              batch_size=32, max_length=64))
+    assert sorted(r["task"] for r in rows) == ["small_clothing_department", "small_clothing_rating",
+                                               "small_clothing_recommended"]
+    assert len(list((tmp_path / "caches").iterdir())) == 1  # the corpus was cached once for all three
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.num_rows == 3 and set(table.column("metric").to_pylist()) == {"accuracy"}
+    # concurrent: the three runs' training overlapped in time
+    starts = [json.loads((tmp_path / "runs" / f"{r['task']}-k3-lora8-s0" / "metrics.json").read_text())
+              for r in rows]
+    assert all(s["epochs_run"] == 1 for s in starts)
+    assert time.time() - t0 < 600
+
+
+def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
+    m = train(TrainOptions(task=["sms_spam"], workers=2, zero_stage=2, output=str(tmp_path), epochs=1,
+                           batch_size=16, max_length=64, max_train_examples=640))[0]
+    ds = m["deepspeed"]
+    assert ds["world_size"] == 2 and ds["zero_stage"] == 2
+    assert ds["global_steps"] == 640 // (16 * 2)  # one optimizer step per global batch of 2 x 16
+    assert "ZeRO" in ds["optimizer"] or "Optimizer" in ds["optimizer"]  # DeepSpeed's wrapper, not bare AdamW
+    assert m["test"] > 0.9
+
+
+def test_missing_documents_in_the_cache_are_named(ray_local, out, tmp_path):
+    from er_ray.train import TrainError
+
+    cache_dir = next((out / "caches").iterdir())
+    with pytest.raises(TrainError, match=r"sms_spam: 4,837 of its documents are missing from the cache"):
+        train(TrainOptions(task=["sms_spam"], cache=str(cache_dir), output=str(tmp_path), **FAST))
+
+
+def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
+    import psutil
+
+    cmd = [ER_RAY, "train", "--task", "sms_spam", "--output", str(tmp_path), "--epochs", "3", "--patience", "3",
+           "--batch-size", "16", "--max-length", "48", "--max-train-examples", "800"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    ckpts = tmp_path / "ray"
+    t0 = time.time()
+    while not list(ckpts.rglob("loop.json")):  # epoch 1 committed
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - t0 < 400, "no checkpoint"
+        time.sleep(0.5)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert victims, "no training worker process found"
+    for p in victims:
+        p.kill()
+    log = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, log[-3000:]
+    assert "resuming after epoch" in log
+    m = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
+    assert m["epochs_run"] == 3 and any(h["resumed"] for h in m["history"])
