@@ -364,7 +364,7 @@ def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, ra
     dev, test = evaluate("dev"), evaluate("test") if config["has_test"] else {}
     metric = config["metric"]
     train_s = sum(h["train_seconds"] for h in history)
-    metrics = {"task": config["task"], "model": config["model"], "metric": metric,
+    metrics = {"run": config["run"], "task": config["task"], "model": config["model"], "metric": metric,
                "dev": dev.get(metric), "test": test.get(metric), "dev_all": dev, "test_all": test,
                "cut_layer": spec.cut_layer, "adapter": spec.adapter,
                "adapter_size": None if spec.adapter == "full" else spec.adapter_size,
@@ -510,7 +510,7 @@ def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     name = f"{task.name}-{'finetune' if opts.full_finetune else f'k{k}-{opts.adapter}'}" + \
            ("" if opts.adapter == "full" else f"{opts.adapter_size}") + \
            ("-text" if opts.from_text and not opts.full_finetune else "") + f"-s{opts.seed}"
-    config = {"task": task.name, "model": opts.model, "model_spec": spec, "labels": task.labels,
+    config = {"run": name, "task": task.name, "model": opts.model, "model_spec": spec, "labels": task.labels,
               "metric": "span_f1" if token else "accuracy", "lr": opts.lr, "epochs": opts.epochs,
               "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
               "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length,
@@ -607,7 +607,7 @@ def train(opts: TrainOptions) -> list[dict[str, Any]]:
     return rows
 
 
-RESULT_COLUMNS = ["task", "model", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size", "recycled",
+RESULT_COLUMNS = ["run", "task", "model", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size", "recycled",
                   "full_finetune", "train_seconds", "seconds_per_epoch", "examples_per_second", "epochs_run",
                   "trainable_parameters", "learning_rate", "seed", "data_stall"]
 
@@ -621,7 +621,11 @@ def write_results(rows: list[dict[str, Any]], output: Path) -> None:
         return
     output.mkdir(parents=True, exist_ok=True)
     table = [{c: r.get(c) for c in RESULT_COLUMNS} for r in rows]
+    if (output / "results.parquet").exists():  # earlier runs into the same OUTPUT stay in the table
+        names = {r["run"] for r in table}
+        old = [r for r in pq.read_table(output / "results.parquet").to_pylist() if r.get("run") not in names]
+        table = old + table
     pq.write_table(pa.Table.from_pylist(table), output / "results.parquet")
     (output / "results.md").write_text(format_table(table, RESULT_COLUMNS, markdown=True) + "\n")
-    print(format_table(table, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
-                               "seconds_per_epoch", "trainable_parameters"]))
+    print(format_table(rows, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
+                              "seconds_per_epoch", "trainable_parameters"]))
