@@ -450,21 +450,19 @@ def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: in
 
 
 def _ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
+    """The cache a recycled run reads. --cache is used as given (a task whose documents are missing from it is
+    an error); by default OUTPUT/caches/<corpus>-<model>-<max length> is built, or extended with the task's
+    documents it lacks: tasks sharing a corpus share it, and nothing is encoded twice."""
     from . import cache
 
-    root = opts.cache or str(Path(opts.output) / "caches" / f"{task.spec.corpus}-{fp['model']}-{opts.max_length}")
-    try:
-        return cache.open_cache(root, k, expect=fp)
-    except cache.CacheMismatch:
-        raise
-    except cache.CacheError:
-        if opts.cache and Path(root, f"layer={k}").exists():
-            raise
-    _log(f"no cache for {task.spec.corpus} at layer {k} in {root}: building it")
-    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=root, model=opts.model,
+    expect = {f: fp[f] for f in cache.KEY_FIELDS if f in fp}
+    if opts.cache:
+        return cache.open_cache(opts.cache, k, expect=expect)
+    root = Path(opts.output) / "caches" / f"{task.spec.corpus}-{fp['model']}-{opts.max_length}"
+    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=str(root), model=opts.model,
                                          cut_layer=[k], dtype=opts.dtype, max_length=opts.max_length,
                                          text_column=task.input_column))
-    return cache.open_cache(root, k, expect=fp)
+    return cache.open_cache(root, k, expect=expect)
 
 
 def _corpus_file(task) -> str:
@@ -483,7 +481,6 @@ def _corpus_file(task) -> str:
 def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config."""
     from . import encoders, tasks
-    from .cache import KEY_FIELDS
 
     task = tasks.load_task(task_name)
     fp = encoders.fingerprint(opts.model, opts.max_length)
@@ -495,7 +492,7 @@ def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     source = "text" if opts.full_finetune or opts.from_text else "cache"
     cache_obj = None
     if source == "cache":
-        cache_obj = _ensure_cache(opts, task, {f: fp[f] for f in KEY_FIELDS if f in fp}, k)
+        cache_obj = _ensure_cache(opts, task, fp, k)
     data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
