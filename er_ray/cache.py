@@ -108,6 +108,9 @@ def decode_hidden(table: pa.Table, dtype: str, hidden: int) -> tuple[np.ndarray,
     col = table.column("hidden").combine_chunks()
     offsets = col.offsets.to_numpy()
     tokens = col.values
+    width = hidden * np.dtype(STORAGE[dtype]).itemsize
+    if tokens.type != pa.binary(width):  # a row-wise Ray Data map turns fixed-size binary into plain binary
+        tokens = tokens.cast(pa.binary(width))
     start, end = int(offsets[0]), int(offsets[-1])
     raw = np.frombuffer(tokens.buffers()[1], dtype=STORAGE[dtype])
     raw = raw[tokens.offset * hidden:(tokens.offset + len(tokens)) * hidden].reshape(-1, hidden)[start:end]

@@ -176,8 +176,8 @@ def predict(opts: PredictOptions) -> Path:
         ds = c.dataset(columns=cols)
         if opts.corpus:  # only the corpus's documents
             corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
-            wanted = {i for f in corpus.files for i in _ids(f, corpus.id_column)}
-            ds = ds.filter(lambda r: r["id"] in wanted)
+            wanted = pa.array(sorted({i for f in corpus.files for i in _ids(f, corpus.id_column)}))
+            ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
         source = "cache"
     else:
         corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
@@ -200,6 +200,12 @@ def predict(opts: PredictOptions) -> Path:
     pq.write_table(table, dest / "predictions.parquet")
     print(f"[er_ray predict] {table.num_rows:,} documents labelled from {source} -> {dest}", file=sys.stderr)
     return dest
+
+
+def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
 
 
 def _ids(file: str, id_column: str) -> list[str]:

@@ -304,3 +304,15 @@ def test_token_classification_corpus_stores_word_ids(ray_local, tmp_path, minilm
     enc = minilm.tokenizer(words, is_split_into_words=True, truncation=True, max_length=64)
     assert row["word_ids"] == [-1 if w is None else w for w in enc.word_ids()]
     assert len(row["word_ids"]) == row["length"]
+
+
+def test_decoding_survives_a_row_wise_round_trip(fp32_cache):
+    # Ray Data's row-wise operations (filter with a Python function, from_items) turn fixed-size binary into
+    # plain binary; readers must decode both.
+    out, _ = fp32_cache
+    t = open_cache(out, 2).read().slice(0, 20)
+    again = pa.Table.from_pylist(t.to_pylist())
+    assert again.schema.field("hidden").type == pa.list_(pa.binary())
+    a, oa = cache.decode_hidden(t, "fp32", 384)
+    b, ob = cache.decode_hidden(again, "fp32", 384)
+    assert np.array_equal(a, b) and np.array_equal(oa, ob)
