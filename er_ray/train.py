@@ -425,7 +425,7 @@ def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: in
     labels = _label_index(task)
     if max_train and len(labels["train"]) > max_train:
         rng = np.random.default_rng(seed)
-        keep = sorted(rng.choice(sorted(labels["train"]), size=max_train, replace=False))
+        keep = sorted(str(i) for i in rng.choice(sorted(labels["train"]), size=max_train, replace=False))
         labels["train"] = {k: labels["train"][k] for k in keep}
     token = task.type == "token_classification"
     out = {}
