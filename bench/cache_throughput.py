@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 from er_ray import encoders
-from er_ray.encoders import LowerEncoder, MiddleEncoder, UpperEncoder
+from er_ray.encoders import LowerEncoder, MiddleEncoder
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=100,
