@@ -475,7 +475,7 @@ def plan_shards(file_ids: list[tuple[str, list[str]]], done: set[str], shard_row
 _TOKENIZERS: dict[tuple[str, int], Any] = {}
 
 
-def _tokenizer(folder: str, max_length: int):
+def tokenizer_for(folder: str, max_length: int):
     if (folder, max_length) not in _TOKENIZERS:  # once per worker process
         tok = fast_tokenizer(folder)
         tok.no_padding()
@@ -515,7 +515,7 @@ def tokenize_shard(batch: pa.Table, *, folder: str, max_length: int, id_column: 
                 good.append(row)
         # The Rust tokenizer itself: a worker imports it in milliseconds, where `transformers` costs seconds in
         # every tokenizing process and slowed the start of the encoder actors (same tokenizer.json, same ids).
-        encs = _tokenizer(folder, max_length).encode_batch([texts[r] for r in good],
+        encs = tokenizer_for(folder, max_length).encode_batch([texts[r] for r in good],
                                                           is_pretokenized=token_classification)
         truncated = [bool(e.overflowing) for e in encs]
         input_ids = [e.ids for e in encs]

@@ -59,8 +59,12 @@ def run(opts: DemoOptions) -> dict:
     print(f"task {task.name}: {len(texts):,} of {docs.num_rows:,} documents, max length {opts.max_length}")
 
     lower = encoders.LowerEncoder(enc.model, k)
-    enc_ids = enc.tokenizer(texts, truncation=True, max_length=opts.max_length)["input_ids"]
-    truncated = sum(len(enc.tokenizer(t)["input_ids"]) > opts.max_length for t in texts)
+    # One tokenizing pass, with the cache pipeline's tokenizer: it reports what truncation cut off.
+    from .cache import tokenizer_for
+
+    encs = tokenizer_for(str(enc.folder), opts.max_length).encode_batch(texts)
+    enc_ids = [e.ids for e in encs]
+    truncated = sum(bool(e.overflowing) for e in encs)
     order = sorted(range(len(texts)), key=lambda i: len(enc_ids[i]))  # bucket by length: little padding
     real_tokens, padded_tokens, shape = 0, 0, None
     t1 = time.perf_counter()

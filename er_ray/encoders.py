@@ -411,7 +411,7 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _pooling(folder: Path) -> str:
+def pooling_of(folder: Path) -> str:
     cfg = folder / "1_Pooling" / "config.json"  # sentence-transformers models say how they were trained to pool
     if cfg.exists():
         c = json.loads(cfg.read_text())
@@ -437,7 +437,7 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.f
     architecture_of(model)  # fail early, naming the supported architectures
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return Encoder(name, folder, model, tokenizer, digest, _pooling(folder),
+    return Encoder(name, folder, model, tokenizer, digest, pooling_of(folder),
                    {"source": packaged.source if packaged else name})
 
 
@@ -478,7 +478,7 @@ def describe_model(name: str) -> dict:
     with torch.device("meta"):
         m = AutoModel.from_config(cfg)
     row.update(status="ready", architecture=cfg.model_type, layers=num_layers(m), hidden=cfg.hidden_size,
-               parameters=sum(p.numel() for p in m.parameters()), pooling=_pooling(folder))
+               parameters=sum(p.numel() for p in m.parameters()), pooling=pooling_of(folder))
     return row
 
 

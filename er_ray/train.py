@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -497,10 +498,7 @@ def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
     token = task.type == "token_classification"
-    pooling = "cls"
-    enc_pool = encoders.PACKAGED_MODELS.get(fp["model"])
-    if enc_pool is not None or (Path(fp["folder"]) / "1_Pooling").exists():
-        pooling = encoders._pooling(Path(fp["folder"]))
+    pooling = encoders.pooling_of(Path(fp["folder"]))  # how the encoder was trained to pool
     spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size,
             "task_type": task.type, "num_labels": len(task.labels), "pooling": pooling, "source": source,
             "full_finetune": opts.full_finetune}
@@ -562,12 +560,8 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
         if not (Path(d) / "metrics.json").exists():
             raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        import shutil
-
         shutil.copytree(Path(d) / "model", out / "model")
         metrics = json.loads((Path(d) / "metrics.json").read_text())
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

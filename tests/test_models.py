@@ -73,13 +73,13 @@ def test_cache_tokenizer_equals_the_transformers_tokenizer(encoder):
     # The cache pipeline tokenizes with the Rust tokenizer directly (cheap to import in Ray workers); training
     # from text and prediction use transformers' tokenizer. They must give the same ids and word ids.
     from er_ray import tasks
-    from er_ray.cache import _tokenizer
+    from er_ray.cache import tokenizer_for
 
     texts = tasks.load_task("trec").documents().column("text").to_pylist()[:200] + ["Héllo  wörld", "x " * 400]
     ref = encoder.tokenizer(texts, truncation=True, max_length=64)["input_ids"]
-    assert [e.ids for e in _tokenizer(str(encoder.folder), 64).encode_batch(texts)] == ref
+    assert [e.ids for e in tokenizer_for(str(encoder.folder), 64).encode_batch(texts)] == ref
     words = tasks.load_task("wnut16").documents().column("tokens").to_pylist()[:100]
     ref = encoder.tokenizer(words, truncation=True, max_length=32, is_split_into_words=True)
-    got = _tokenizer(str(encoder.folder), 32).encode_batch(words, is_pretokenized=True)
+    got = tokenizer_for(str(encoder.folder), 32).encode_batch(words, is_pretokenized=True)
     assert [e.ids for e in got] == ref["input_ids"]
     assert [e.word_ids for e in got] == [ref.word_ids(i) for i in range(len(words))]
