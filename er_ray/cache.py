@@ -23,12 +23,15 @@ then recorded in the manifest (rewritten atomically after every shard); a crash 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -562,7 +565,15 @@ def _doc_sha(doc_id: str, text) -> str:
 
 class ShardEncoder:
     """Stage 2 (actor, one GPU each where the cluster has GPUs): run the lower layers over whole shards and write
-    one Parquet file per cut layer per shard, atomically. Activations never pass through the object store."""
+    one Parquet file per cut layer per shard, atomically. Activations never pass through the object store.
+
+    Writing overlaps computing. The pool runs two calls at once on each actor (`max_concurrent_calls_per_actor=2`
+    in `_run_pipeline`): forward passes take turns under `_compute`, and each encoded shard's write (Arrow table,
+    Parquet bytes, their sha256, the file) goes to the actor's one writer thread, so while a call waits for its
+    shard's write, the next call's shard is already being encoded. A call returns its shards' rows only once their
+    files are complete: the driver never commits an unwritten shard, and no row waits for a later call (Ray Data
+    has no end-of-stream hook to flush one). A killed actor loses only its calls in flight, which are uncommitted
+    and which Ray Data retries."""
 
     def __init__(self, *, model: str, root: str, cut_layers: list[int], dtype: str, batch_size: int,
                  threads: int | None, key: dict[str, Any], from_layer: int | None = None,
@@ -594,20 +605,26 @@ class ShardEncoder:
         self.m_tokens = metrics.Counter("er_ray_cache_tokens", "real tokens encoded into the cache", tags)
         self.m_bytes = metrics.Counter("er_ray_cache_bytes", "bytes of cache shards written", tags)
         self.m_tps = metrics.Gauge("er_ray_cache_tokens_per_second", "tokens/s of the last shard", tags)
+        self._compute = threading.Lock()  # one shard's forward passes at a time (the cores, or the GPU's memory)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="er_ray-shard-writer")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = []
         if "source" in batch.column_names:  # derive: each row names a shallower layer's shard
-            for plan in batch.to_pylist():
-                results.extend(self._derive_shard(plan))
-            return pa.Table.from_pylist(results)
-        shards = batch.column("shard").to_pylist()
-        for shard in dict.fromkeys(shards):
-            idx = [i for i, s in enumerate(shards) if s == shard]
-            results.extend(self._encode_shard(batch.take(pa.array(idx))))
-        return pa.Table.from_pylist(results)
+            jobs = [functools.partial(self._derive_shard, plan) for plan in batch.to_pylist()]
+        else:
+            shards = batch.column("shard").to_pylist()
+            jobs = [functools.partial(self._encode_shard, batch.take(pa.array([i for i, s in enumerate(shards)
+                                                                               if s == shard])))
+                    for shard in dict.fromkeys(shards)]
+        writes = []
+        for job in jobs:
+            with self._compute:
+                writes += [self._writer.submit(self._write, **w) for w in job()]
+        # The shards' rows leave this call only when their files are complete (see the class docstring).
+        return pa.Table.from_pylist([w.result() for w in writes])
 
     def _encode_shard(self, t: pa.Table) -> list[dict[str, Any]]:
+        """Encode one shard: the `_write` arguments of each cut layer's file."""
         shard = t.column("shard")[0].as_py()
         planned = t.column("planned")[0].as_py()
         skipped = json.loads(t.column("skipped")[0].as_py())
@@ -621,7 +638,8 @@ class ShardEncoder:
                                   pad_value=self.pad_id)
         t = t.take(pa.array(order, pa.int64()))  # rows are stored in the (deterministic) encoding order
         lengths = np.array([len(seqs[i]) for i in order], np.int64)
-        return [self._write(k, shard, t, states[k], lengths, skipped, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return [dict(k=k, shard=shard, t=t, states=states[k], lengths=lengths, skipped=skipped, seconds=seconds)
                 for k in self.cut_layers]
 
     def _run(self, inputs: list[np.ndarray], fn, pad_value) -> tuple[list[int], dict[int, dict[str, np.ndarray]]]:
@@ -663,13 +681,14 @@ class ShardEncoder:
         t = src.select(keep).take(pa.array(order, pa.int64()))
         lengths = np.array([len(inputs[i]) for i in order], np.int64)
         k = self.cut_layers[0]
-        return [self._write(k, plan["shard"], t, states[k], lengths, json.loads(plan["skipped"]),
-                            time.perf_counter() - t0, docs_sha256=plan["docs_sha256"], truncated=plan["truncated"])]
+        return [dict(k=k, shard=plan["shard"], t=t, states=states[k], lengths=lengths,
+                     skipped=json.loads(plan["skipped"]), seconds=time.perf_counter() - t0,
+                     docs_sha256=plan["docs_sha256"], truncated=plan["truncated"])]
 
     def _write(self, k: int, shard: str, t: pa.Table, states: dict[str, np.ndarray], lengths: np.ndarray,
                skipped: list, seconds: float, docs_sha256: str | None = None, truncated: int | None = None) -> dict:
-        from .assets import sha256_file
-
+        """(The writer thread.) One cut layer's file of one shard, written under a temporary name and renamed when
+        complete; the sha256 is taken of the Parquet bytes in memory, not by reading the file back."""
         d = layer_dir(self.root, k)
         cols = {"id": t.column("id"), "length": pa.array(lengths.astype(np.int32)),
                 **(to_arrow(states, lengths, self.dtype, self.enc.hidden_size) if len(lengths) else
@@ -679,11 +698,15 @@ class ShardEncoder:
         table = pa.table(cols)
         final = d / shard
         tmp = d / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
+        sink = pa.BufferOutputStream()
         # No dictionary and no statistics for the activations (they cost time and say nothing).
-        pq.write_table(table, tmp, compression=self.compression, use_dictionary=["id"],
+        pq.write_table(table, sink, compression=self.compression, use_dictionary=["id"],
                        write_statistics=["id", "length"])
+        data = sink.getvalue()
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, final)
-        size = final.stat().st_size
+        size = data.size
         tokens = int(lengths.sum())
         tags = {"model": self.enc.name, "cut_layer": str(k)}
         self.m_docs.inc(len(lengths), tags)
@@ -697,7 +720,7 @@ class ShardEncoder:
         if truncated is None:
             truncated = int(sum(t.column("truncated").to_pylist())) if t.num_rows else 0
         return {"cut_layer": k, "file": shard, "rows": len(lengths), "tokens": tokens, "bytes": size,
-                "sha256": sha256_file(final), "docs_sha256": docs_sha256, "truncated": truncated,
+                "sha256": hashlib.sha256(data).hexdigest(), "docs_sha256": docs_sha256, "truncated": truncated,
                 "skipped": json.dumps(skipped), "seconds": seconds}
 
 
@@ -862,7 +885,10 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
                                    dtype=opts.dtype, batch_size=opts.batch_size, threads=threads,
                                    key={"weights_sha256": fp["weights_sha256"]}, from_layer=from_layer,
                                    compression=opts.compression),
-        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpus else 0, num_cpus=1)
+        # Two calls at once per actor: one shard's write overlaps the next one's forward passes (see ShardEncoder).
+        compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=2,
+                                           enable_true_multi_threading=True),
+        num_gpus=1 if gpus else 0, num_cpus=1)
     try:
         _commit_results(opts, ds, layers, len(plans), manifests)
     except Exception as e:
