@@ -17,8 +17,12 @@ int8 type anyway, so one uniform layout serves all four dtypes.
 
 One DIR holds one model, tokenizer, max length and dtype; any cut layers. A shard's rows are a fixed, planned
 set of documents and its name is derived from their ids, so a re-run, a resumed run and an uninterrupted run
-write the same shards with the same bytes. A shard is written under a temporary name and renamed when complete,
-then recorded in the manifest (rewritten atomically after every shard); a crash leaves nothing half-visible.
+write the same shards with the same bytes. A shard is written whole (locally under a temporary name renamed when
+complete; on an object store in one upload under its final name, as there is no rename), then recorded in the
+manifest (rewritten atomically after every shard): the manifest is the commit point, a crash leaves nothing
+half-visible, and shard files the manifest does not name are ignored by readers and removed by the next build.
+
+DIR is a local path or a filesystem URI (`s3://bucket/prefix?endpoint_override=...`; see `er_ray.storage`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
+import re
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import ErRayError, OptionsError
 
 FORMAT = "er_ray.cache"
@@ -162,8 +166,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # Manifest
 
 
-def layer_dir(root: str | Path, cut_layer: int) -> Path:
-    return Path(root) / f"layer={cut_layer}"
+def layer_dir(root: str | Path, cut_layer: int) -> str:
+    """Location (local path or URI) of a cut layer's cache."""
+    return storage.join(root, f"layer={cut_layer}")
+
+
+def _read_parquet(location: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def versions() -> dict[str, str]:
@@ -234,12 +244,12 @@ class Manifest:
         return {k: d[k] for k in order}
 
     @classmethod
-    def load(cls, path: Path) -> Manifest:
+    def load(cls, path: str | Path) -> Manifest:
+        """Read a manifest.json (local path or URI)."""
         try:
-            raw = json.loads(path.read_text())
+            raw = storage.read_json(path)
         except FileNotFoundError:
-            raise CacheError(f"{path.parent}: no manifest.json (not an er_ray cache, or nothing committed yet)") \
-                from None
+            raise CacheError(f"{path}: not found (not an er_ray cache, or nothing committed yet)") from None
         except json.JSONDecodeError as e:
             raise CacheError(f"{path}: unreadable manifest ({e})") from None
         if raw.get("format") != FORMAT:
@@ -250,12 +260,10 @@ class Manifest:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 
-    def save(self, path: Path) -> None:
+    def save(self, path: str | Path) -> None:
         self.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.created = self.created or self.updated
-        tmp = path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)  # atomic: readers see the old or the new manifest, never half of one
+        storage.write_json(path, self.to_json())  # atomic: readers see the old or the new manifest, never half
 
 
 def check_key(manifest: Manifest, expected: dict[str, Any], where: str) -> None:
@@ -272,26 +280,30 @@ def check_key(manifest: Manifest, expected: dict[str, Any], where: str) -> None:
 class Cache:
     """A committed cut layer's cache, opened for reading."""
 
-    path: Path
+    path: Path | str
+    """the layer's directory: an absolute Path for a local cache, the URI (str) for a remote one"""
     manifest: Manifest
 
     @property
     def files(self) -> list[str]:
-        return [str(self.path / s["file"]) for s in self.manifest.shards]
+        """The manifest's shards (local paths or URIs)."""
+        return [storage.join(self.path, s["file"]) for s in self.manifest.shards]
 
     def ids(self) -> list[str]:
-        return pa.concat_tables([pq.read_table(f, columns=["id"]) for f in self.files]).column("id").to_pylist() \
-            if self.files else []
+        return self.read(columns=["id"]).column("id").to_pylist() if self.files else []
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache as one Arrow table (small caches and tests; training streams it with Ray Data)."""
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in self.files])
+        return pa.concat_tables([_read_parquet(f, columns) for f in self.files])
 
     def dataset(self, columns: list[str] | None = None):
-        """A Ray Dataset over exactly the manifest's shards."""
+        """A Ray Dataset over exactly the manifest's shards (read through the cache's filesystem)."""
         import ray.data
 
-        return ray.data.read_parquet(self.files, columns=columns)
+        if storage.is_local(self.path):
+            return ray.data.read_parquet(self.files, columns=columns)
+        fs, _ = storage.resolve(self.path)
+        return ray.data.read_parquet([storage.resolve(f)[1] for f in self.files], columns=columns, filesystem=fs)
 
     def activations(self) -> dict[str, np.ndarray]:
         """id -> float32 [length, H] (small caches and tests)."""
@@ -303,13 +315,13 @@ class Cache:
 def open_cache(root: str | Path, cut_layer: int, expect: dict[str, Any] | None = None) -> Cache:
     """Open DIR's layer-k cache; with `expect`, refuse it unless model, tokenizer, layer and max length agree."""
     path = layer_dir(root, cut_layer)
-    if not path.exists():
-        have = sorted(p.name for p in Path(root).glob("layer=*")) if Path(root).exists() else []
+    if not storage.exists(path):
+        have = [n for n in storage.listdir(root) if n.startswith("layer=")]
         raise CacheError(f"{root}: no cache for cut layer {cut_layer} (present: {', '.join(have) or 'none'})")
-    manifest = Manifest.load(path / "manifest.json")
+    manifest = Manifest.load(storage.join(path, "manifest.json"))
     if expect:
-        check_key(manifest, {"cut_layer": cut_layer, **expect}, str(path))
-    return Cache(path, manifest)
+        check_key(manifest, {"cut_layer": cut_layer, **expect}, path)
+    return Cache(Path(storage.resolve(path)[1]) if storage.is_local(path) else path, manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,33 +330,34 @@ def open_cache(root: str | Path, cut_layer: int, expect: dict[str, Any] | None =
 
 def verify(root: str | Path) -> list[str]:
     """Re-check every layer's shards against its manifest: existence, size, sha256, rows, ids. Returns problems."""
-    from .assets import sha256_file
-
-    root = Path(root)
-    layers = sorted(root.glob("layer=*")) if not (root / "manifest.json").exists() else [root]
+    root = str(root)
+    if storage.exists(storage.join(root, "manifest.json")):
+        layers = [root]
+    else:
+        layers = [storage.join(root, n) for n in storage.listdir(root) if n.startswith("layer=")]
     if not layers:
         return [f"{root}: no layer=<k>/manifest.json: not an er_ray cache"]
     problems = []
     for d in layers:
         try:
-            m = Manifest.load(d / "manifest.json")
+            m = Manifest.load(storage.join(d, "manifest.json"))
         except CacheError as e:
             problems.append(str(e))
             continue
         seen: dict[str, str] = {}
         for s in m.shards:
-            f = d / s["file"]
-            if not f.exists():
+            f = storage.join(d, s["file"])
+            if not storage.exists(f):
                 problems.append(f"{f}: missing shard")
                 continue
-            if f.stat().st_size != s["bytes"]:
-                problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {s['bytes']}")
+            if (size := storage.size(f)) != s["bytes"]:
+                problems.append(f"{f}: {size} bytes, manifest says {s['bytes']}")
                 continue
-            if sha256_file(f) != s["sha256"]:
+            if storage.sha256(f) != s["sha256"]:
                 problems.append(f"{f}: checksum mismatch (sha256 differs from the manifest)")
                 continue
             try:
-                ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+                ids = _read_parquet(f, ["id"]).column("id").to_pylist()
             except Exception as e:
                 problems.append(f"{f}: unreadable ({e})")
                 continue
@@ -362,6 +375,9 @@ def verify(root: str | Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Planning: which documents still need encoding, in which shards
+
+
+_SHARD = re.compile(r"^part-[0-9a-f]{20}\.parquet$")
 
 
 def shard_name(ids: list[str]) -> str:
@@ -567,6 +583,8 @@ class ShardEncoder:
     """Stage 2 (actor, one GPU each where the cluster has GPUs): run the lower layers over whole shards and write
     one Parquet file per cut layer per shard, atomically. Activations never pass through the object store.
 
+    `root` is a location string (local path or URI), resolved in this process (no filesystem object is shipped).
+
     Writing overlaps computing. The pool runs two calls at once on each actor (`max_concurrent_calls_per_actor=2`
     in `_run_pipeline`): forward passes take turns under `_compute`, and each encoded shard's write (Arrow table,
     Parquet bytes, their sha256, the file) goes to the actor's one writer thread, so while a call waits for its
@@ -590,7 +608,7 @@ class ShardEncoder:
             raise CacheMismatch(f"worker loaded {model} with weights {self.enc.weights_sha256}, "
                                 f"the driver expected {key['weights_sha256']}")
         self.enc.model.to(self.device)
-        self.root, self.cut_layers, self.dtype, self.batch_size = Path(root), cut_layers, dtype, batch_size
+        self.root, self.cut_layers, self.dtype, self.batch_size = root, cut_layers, dtype, batch_size
         self.compression = compression
         self.from_layer = from_layer
         if from_layer is None:
@@ -673,7 +691,7 @@ class ShardEncoder:
 
     def _derive_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        src = pq.read_table(plan["source"])
+        src = _read_parquet(plan["source"])
         flat, off = decode_hidden(src, plan["dtype"], self.enc.hidden_size)
         inputs = [flat[off[i]:off[i + 1]] for i in range(src.num_rows)]
         order, states = self._run(inputs, self.part, pad_value=0.0)
@@ -687,25 +705,21 @@ class ShardEncoder:
 
     def _write(self, k: int, shard: str, t: pa.Table, states: dict[str, np.ndarray], lengths: np.ndarray,
                skipped: list, seconds: float, docs_sha256: str | None = None, truncated: int | None = None) -> dict:
-        """(The writer thread.) One cut layer's file of one shard, written under a temporary name and renamed when
-        complete; the sha256 is taken of the Parquet bytes in memory, not by reading the file back."""
-        d = layer_dir(self.root, k)
+        """(The writer thread.) One cut layer's file of one shard, written whole (`storage.write_bytes`: a
+        temporary file renamed locally, one upload on object stores); the sha256 is taken of the Parquet bytes in
+        memory, not by reading the file back."""
         cols = {"id": t.column("id"), "length": pa.array(lengths.astype(np.int32)),
                 **(to_arrow(states, lengths, self.dtype, self.enc.hidden_size) if len(lengths) else
                    encode_hidden([], self.dtype, self.enc.hidden_size))}
         if "word_ids" in t.column_names:
             cols["word_ids"] = t.column("word_ids")
         table = pa.table(cols)
-        final = d / shard
-        tmp = d / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
         sink = pa.BufferOutputStream()
         # No dictionary and no statistics for the activations (they cost time and say nothing).
         pq.write_table(table, sink, compression=self.compression, use_dictionary=["id"],
                        write_statistics=["id", "length"])
         data = sink.getvalue()
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
+        storage.write_bytes(storage.join(layer_dir(self.root, k), shard), data)
         size = data.size
         tokens = int(lengths.sum())
         tags = {"model": self.enc.name, "cut_layer": str(k)}
@@ -733,7 +747,8 @@ class CacheOptions:
     corpus: list[str]
     """a built-in task name (all its texts), or corpus files / directories of .parquet, .csv, .jsonl"""
     output: str
-    """cache directory; each cut layer goes to OUTPUT/layer=<k>/ with its manifest.json"""
+    """cache directory or URI (s3://bucket/prefix?endpoint_override=...); each cut layer goes to OUTPUT/layer=<k>/
+    with its manifest.json"""
     model: str = "minilm"
     """packaged model name, local folder, or hub id"""
     cut_layer: list[int] = field(default_factory=list)
@@ -827,7 +842,8 @@ def derive_cache(opts: CacheOptions, fp: dict[str, Any], k: int) -> Manifest:
     src = open_cache(opts.output, a, expect=fp)
     m = _open_for_write(opts, fp, k, src.manifest.token_classification)
     have = {s["file"] for s in m.shards}
-    plans = [{"shard": s["file"], "source": str(src.path / s["file"]), "dtype": src.manifest.dtype,
+    plans = [{"shard": s["file"], "source": storage.join(storage.absolute(src.path), s["file"]),
+              "dtype": src.manifest.dtype,
               "docs_sha256": s["docs_sha256"], "truncated": s.get("truncated", 0),
               "skipped": json.dumps(s.get("skipped", []))} for s in src.manifest.shards if s["file"] not in have]
     _log(f"deriving layer {k} from layer {a}: {len(src.manifest.shards)} shard(s), {len(plans)} to do")
@@ -839,16 +855,21 @@ def derive_cache(opts: CacheOptions, fp: dict[str, Any], k: int) -> Manifest:
 
 def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classification: bool) -> Manifest:
     d = layer_dir(opts.output, k)
-    d.mkdir(parents=True, exist_ok=True)
-    for stale in d.glob(".tmp-*"):  # a killed run's unfinished shard: never visible, now removed
-        stale.unlink()
     key = {**{f: fp[f] for f in KEY_FIELDS if f in fp}, "cut_layer": k}
-    if (d / "manifest.json").exists():
-        m = Manifest.load(d / "manifest.json")
-        check_key(m, key, str(d))
+    m = None
+    if storage.exists(storage.join(d, "manifest.json")):
+        m = Manifest.load(storage.join(d, "manifest.json"))
+        check_key(m, key, d)
         if m.dtype != opts.dtype:
             raise CacheMismatch(f"{d} was built with dtype={m.dtype!r}, but this run uses dtype={opts.dtype!r}; "
                                 f"build into another directory")
+    # What a killed run wrote and never committed (temporary files; on object stores, whole shards uploaded but
+    # not yet in the manifest): never visible to readers, now removed.
+    committed = {s["file"] for s in m.shards} if m else set()
+    for name in storage.listdir(d):
+        if name.startswith((".tmp-", ".manifest.")) or (_SHARD.match(name) and name not in committed):
+            storage.delete(storage.join(d, name))
+    if m:
         return m
     return Manifest(model=fp["model"], weights_sha256=fp["weights_sha256"], architecture=fp["architecture"],
                     num_layers=fp["num_layers"], hidden_size=fp["hidden_size"], cut_layer=k, dtype=opts.dtype,
@@ -856,10 +877,10 @@ def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classi
                     token_classification=token_classification, versions=versions())
 
 
-def _done_ids(d: Path, m: Manifest) -> set[str]:
+def _done_ids(d: str, m: Manifest) -> set[str]:
     done = {s["id"] for s in m.skipped}
     for s in m.shards:
-        done.update(pq.read_table(d / s["file"], columns=["id"]).column("id").to_pylist())
+        done.update(_read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist())
     return done
 
 
@@ -881,7 +902,7 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
                             num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=2))
     ds = ds.map_batches(
         ShardEncoder, batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(model=fp["model"], root=str(Path(opts.output).resolve()), cut_layers=layers,
+        fn_constructor_kwargs=dict(model=fp["model"], root=storage.absolute(opts.output), cut_layers=layers,
                                    dtype=opts.dtype, batch_size=opts.batch_size, threads=threads,
                                    key={"weights_sha256": fp["weights_sha256"]}, from_layer=from_layer,
                                    compression=opts.compression),
@@ -904,8 +925,6 @@ def _user_error(e: BaseException) -> BaseException:
             return type(x)(*x.args)
         x = getattr(x, "cause", None) or x.__cause__
     # Ray Data re-raises a UserCodeException whose cause is lost; the worker's error line is in its text.
-    import re
-
     found = re.search(r"^er_ray\.\w+\.(\w+): (.+)$", str(e), re.M)
     if found:
         cls = {c.__name__: c for c in (CacheError, CacheMismatch)}.get(found.group(1), CacheError)
@@ -925,7 +944,7 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
                 entry["skipped"] = skipped
             m.shards = sorted([s for s in m.shards if s["file"] != entry["file"]] + [entry], key=lambda s: s["file"])
             m.skipped = [s for s in m.skipped if s["id"] not in {x["id"] for x in skipped}] + skipped
-            m.save(layer_dir(opts.output, r["cut_layer"]) / "manifest.json")  # commit this shard
+            m.save(storage.join(layer_dir(opts.output, r["cut_layer"]), "manifest.json"))  # commit this shard
             if r["cut_layer"] == layers[0]:
                 shards += 1
                 docs += r["rows"]

@@ -12,8 +12,11 @@ def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # AWS_* (credentials, region, endpoint) go along so workers reach the same object store as the driver
+    # (er_ray.storage); they are then part of the job's runtime_env, which the cluster's dashboard shows.
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
-                        **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {})}}
+                        **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {}),
+                        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:

@@ -1,0 +1,159 @@
+"""Where er_ray keeps its files: a local path or a filesystem URI, behind one small API.
+
+A *location* is a string: a local path (`caches/x`, `/data/x`, `file:///data/x`) or any URI that
+`pyarrow.fs.FileSystem.from_uri` takes (`s3://bucket/prefix`, `gs://bucket/prefix`, `abfs://...`, `hdfs://...`).
+Options of the filesystem ride in the URI's query and `join` keeps them, so a whole tree is named by one string:
+
+    s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000&scheme=http&region=us-east-1
+
+Credentials are not er_ray's business: pyarrow finds them as the cloud's SDK does (for S3: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, an instance profile; `er_ray.cluster.connect` forwards the
+AWS_* variables to Ray workers). Hand locations (strings) to Ray tasks and actors and let each process resolve
+them; do not ship filesystem objects around.
+
+Writes are atomic where the filesystem allows: on a local disk (and HDFS) a temporary file next to the target,
+then a rename; on object stores (S3, GCS, Azure) one upload straight to the final name, which readers see whole
+or not at all (there is no rename there). A writer that dies mid-upload can leave an object nobody committed:
+a format built on this names its committed files in a manifest written last (as the cache does) and ignores
+or removes the rest.
+
+    fs, path = resolve(location)          # a pyarrow FileSystem and the path on it (for pyarrow / Ray Data calls)
+    join(location, "a", "b.json")         # child location, query kept
+    absolute(location)                    # local paths made absolute (before handing them to other processes)
+    read_bytes / write_bytes / read_json / write_json / exists / size / listdir / delete / sha256
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import uuid
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+_OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow `FileSystem.type_name`s without an atomic rename
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    """A path on this machine's disk (no scheme, or file://)."""
+    s = os.fspath(location)
+    return not _URI.match(s) or s.startswith("file://")
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """The location as a string other processes can use: local paths made absolute, URIs unchanged."""
+    s = os.fspath(location)
+    return os.path.abspath(s) if not _URI.match(s) else s
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location/part/...`; a URI keeps its query (the filesystem's options) at the end."""
+    s = os.fspath(location)
+    if not _URI.match(s):
+        return os.path.join(s, *parts)
+    u = urlsplit(s)
+    path = "/".join([u.path.rstrip("/")] + [p.strip("/") for p in parts])
+    return f"{u.scheme}://{u.netloc}{path}" + (f"?{u.query}" if u.query else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(scheme: str, netloc: str, query: str) -> tuple[pafs.FileSystem, str]:
+    """One filesystem per (scheme, bucket or host, options) and process, and the path of its root `/`.
+
+    Built once: for S3 without a region, `from_uri` asks the bucket's region over the network."""
+    fs, root = pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))
+    return fs, root.rstrip("/")
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) for a location: pass both to pyarrow (`filesystem=`) and Ray Data."""
+    s = os.fspath(location)
+    if not _URI.match(s):
+        return pafs.LocalFileSystem(), os.path.abspath(s)
+    u = urlsplit(s)
+    fs, root = _filesystem(u.scheme, u.netloc, u.query)
+    return fs, root + unquote(u.path).rstrip("/")
+
+
+def exists(location: str | os.PathLike) -> bool:
+    """A file or directory (on object stores: an object, or a prefix with objects under it) is there."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def size(location: str | os.PathLike) -> int:
+    """Size in bytes of a file; FileNotFoundError if there is none."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such file")
+    return info.size
+
+
+def listdir(location: str | os.PathLike) -> list[str]:
+    """Sorted names of the files and directories directly under a directory ([] if it does not exist)."""
+    fs, path = resolve(location)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """A whole file's bytes; FileNotFoundError if there is none."""
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str | os.PathLike, data) -> None:
+    """Write a whole file atomically (readers see the old file or the new one, never a part); `data` is bytes or
+    any buffer (a pyarrow Buffer is written without a copy). Local parent directories are created."""
+    fs, path = resolve(location)
+    if fs.type_name in _OBJECT_STORES:  # one upload: the object appears when it is complete
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)  # a rename: atomic on POSIX, replaces the target
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
+def read_json(location: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(location))
+
+
+def write_json(location: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """`obj` as JSON (and a final newline), written atomically."""
+    write_bytes(location, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+def delete(location: str | os.PathLike) -> None:
+    """Remove a file, or a directory with everything under it; nothing to remove is not an error."""
+    fs, path = resolve(location)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def sha256(location: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, streamed."""
+    fs, path = resolve(location)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,136 @@
+"""Caches on an object store: a real S3 API (moto's server on 127.0.0.1), the real MiniLM, real Ray Data."""
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Fake credentials for the local S3 server, set when pytest imports this module: that is before the session's
+# Ray starts (tests run after collection), and Ray's worker processes take the driver's environment at ray.init,
+# not later. (Joining a cluster, er_ray.cluster.connect forwards the AWS_* variables in the runtime_env.)
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
+
+import pyarrow.fs as pafs  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+from er_ray import cache, storage, tasks  # noqa: E402
+from er_ray.cache import CacheOptions, build_cache, open_cache  # noqa: E402
+
+ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+N_DOCS, SHARD_ROWS = 160, 16
+OPTS = dict(cut_layer=[3], max_length=64, shard_rows=SHARD_ROWS, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API on 127.0.0.1 with an empty bucket; yields the URI of the bucket, endpoint in the query."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("caches")
+    yield f"s3://caches?endpoint_override={endpoint}&scheme=http"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "trec.parquet"
+    pq.write_table(tasks.load_task("trec").documents().slice(0, N_DOCS), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_cache(ray_local, corpus, tmp_path_factory):
+    """The same corpus cached on the local disk: what every S3 cache here must equal."""
+    out = tmp_path_factory.mktemp("local")
+    build_cache(CacheOptions(corpus=[str(corpus)], output=str(out), **OPTS))
+    return open_cache(out, 3).manifest
+
+
+def _key(manifest):
+    return sorted((s["file"], s["rows"], s["bytes"], s["sha256"]) for s in manifest.shards)
+
+
+def _layer_listing(root):
+    return storage.listdir(cache.layer_dir(root, 3))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_storage_api(s3, tmp_path, where):
+    root = str(tmp_path / "a") if where == "local" else storage.join(s3, "api")
+    f = storage.join(root, "sub", "x.json")
+    if where == "s3":
+        assert f == s3.replace("caches?", "caches/api/sub/x.json?")  # the query (endpoint) stays at the end
+        assert storage.resolve(f)[1] == "caches/api/sub/x.json" and not storage.is_local(f)
+        assert storage.resolve(f)[0] is storage.resolve(root)[0]  # one filesystem per bucket and options
+    assert not storage.exists(f) and storage.listdir(root) == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_json(f)
+    storage.write_json(f, {"a": 1})
+    storage.write_json(f, {"a": 2})  # replaced whole
+    assert storage.read_json(f) == {"a": 2} and storage.exists(f)
+    assert storage.listdir(root) == ["sub"] and storage.listdir(storage.join(root, "sub")) == ["x.json"]  # no temps
+    assert storage.read_bytes(f) == b'{\n "a": 2\n}\n' and storage.size(f) == 12
+    assert storage.sha256(f) == hashlib.sha256(b'{\n "a": 2\n}\n').hexdigest()
+    storage.delete(storage.join(root, "sub"))
+    assert not storage.exists(f) and storage.listdir(root) == []
+    storage.delete(f)  # nothing there: not an error
+
+
+def test_cache_on_s3_equals_the_local_cache(ray_local, s3, corpus, local_cache):
+    root = storage.join(s3, "full")
+    build_cache(CacheOptions(corpus=[str(corpus)], output=root, **OPTS))
+    c = open_cache(root, 3, expect={"weights_sha256": local_cache.weights_sha256})
+    assert _key(c.manifest) == _key(local_cache)  # same shard names, same bytes
+    assert c.manifest.corpus_fingerprint == local_cache.corpus_fingerprint and c.manifest.rows == N_DOCS
+    assert _layer_listing(root) == sorted([s["file"] for s in c.manifest.shards] + ["manifest.json"])
+    assert cache.verify(root) == []
+    assert sorted(c.ids()) == sorted(pq.read_table(corpus).column("id").to_pylist())
+    assert c.dataset(columns=["id", "length"]).count() == N_DOCS  # Ray Data reads through the S3 filesystem
+    res = subprocess.run([ER_RAY, "cache", "verify", root], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # a damaged object is caught, and named
+    shard = storage.join(cache.layer_dir(root, 3), c.manifest.shards[0]["file"])
+    data = bytearray(storage.read_bytes(shard))
+    data[len(data) // 2] ^= 0x01
+    storage.write_bytes(shard, bytes(data))
+    assert cache.verify(root) == [f"{shard}: checksum mismatch (sha256 differs from the manifest)"]
+
+
+def test_killed_build_on_s3_resumes_to_the_same_cache(ray_local, s3, corpus, local_cache, capfd):
+    root = storage.join(s3, "killed")
+    args = [ER_RAY, "cache", "--corpus", str(corpus), "--output", root, "--cut-layer", "3", "--max-length", "64",
+            "--shard-rows", str(SHARD_ROWS), "--batch-size", "16"]
+    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray, which the kill below takes down with it
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    manifest = storage.join(cache.layer_dir(root, 3), "manifest.json")
+    t0 = time.time()
+    while not (storage.exists(manifest) and storage.read_json(manifest)["shards"]):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - t0 < 240, "no shard committed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-run
+    proc.wait()
+    done = len(storage.read_json(manifest)["shards"])
+    assert 1 <= done < len(local_cache.shards)
+    # What a killed run can leave on an object store: a whole shard uploaded but never committed. Readers go by
+    # the manifest and do not see it; the next build removes it.
+    orphan = storage.join(cache.layer_dir(root, 3), "part-" + "0" * 20 + ".parquet")
+    storage.write_bytes(orphan, b"not committed")
+    assert orphan not in open_cache(root, 3).files and cache.verify(root) == []
+    capfd.readouterr()
+    m = build_cache(CacheOptions(corpus=[str(corpus)], output=root, **OPTS))[3]  # the re-run (in this process)
+    assert f"{done * SHARD_ROWS:,} cached" in capfd.readouterr().err  # only what was missing was encoded
+    assert _key(m) == _key(local_cache)
+    assert _layer_listing(root) == sorted([s["file"] for s in m.shards] + ["manifest.json"])  # orphan gone
