@@ -257,11 +257,37 @@ def predict(opts) -> int:
     return 0
 
 
+def sweep(opts) -> int:
+    """Ray Tune over cut layer k x adapter kind and size x learning rate, for one or many tasks at once.
+
+    The caches for every k come from one multi-layer pass; each trial is a Ray Train + DeepSpeed run; ASHA stops
+    weak trials (per task) on the dev metric. Writes OUTPUT/sweep.parquet, sweep.md (best per task chosen on dev,
+    reported on test) and plots/. Re-running with the same --output resumes: finished trials are not redone."""
+    from .sweep import sweep as run_sweep
+
+    run_sweep(opts)
+    return 0
+
+
+def study(opts) -> int:
+    """The paper's study in one command: per model, a sweep picks the best configuration per task on dev; then
+    full fine-tuning, recycled at k = L/2 and the sweep's best are trained once per seed, and OUTPUT/REPORT.md
+    sets their test scores (mean and spread), time per epoch, speed-up and the cache's amortised cost side by side,
+    with plots; every run is in OUTPUT/study.parquet. Re-running resumes. The default (both models, every
+    built-in task, 3 seeds) takes hours on a laptop: use --model, --task, --seed and --max-train-examples to cut."""
+    from .study import study as run_study
+
+    run_study(opts)
+    return 0
+
+
 def _verbs() -> dict[str, tuple[Callable, type, str]]:
     # Imported lazily: `er-ray --help` must not pay for torch and ray.
     from . import cache as cache_mod
     from . import demo
     from . import predict as predict_mod
+    from . import study as study_mod
+    from . import sweep as sweep_mod
     from . import train as train_mod
 
     return {
@@ -270,6 +296,8 @@ def _verbs() -> dict[str, tuple[Callable, type, str]]:
         "cache verify": (verify, VerifyOptions, "re-check a cache's shards against its manifest"),
         "train": (train, train_mod.TrainOptions, "train recycled task models from the cache, many tasks at once"),
         "finetune": (finetune, train_mod.TrainOptions, "full fine-tuning from raw text: the baseline"),
+        "sweep": (sweep, sweep_mod.SweepOptions, "Ray Tune picks the cut layer, adapter and learning rate per task"),
+        "study": (study, study_mod.StudyOptions, "the paper's study: fine-tuning against recycled, REPORT.md"),
         "predict": (predict, predict_mod.PredictOptions, "label a corpus with a trained run, from cache or text"),
         "models": (models, ModelsOptions, "list the packaged models: layers, hidden size, parameters"),
         "tasks": (tasks, TasksOptions, "list the built-in tasks: sizes and label sets"),

@@ -16,7 +16,7 @@ def ray_local():
 
     from er_ray.cluster import connect
 
-    connect(num_cpus=2)
+    connect(num_cpus=2, dashboard=True)  # Tune over Ray Train needs the State API (sweep tests)
     yield ray
     ray.shutdown()
 

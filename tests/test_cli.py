@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def run(*args, timeout=300):
 
 def test_help_lists_every_verb_and_documents_options():
     out = run("--help").stdout
-    for verb in ("demo", "models", "tasks", "fetch"):
+    for verb in ("demo", "cache", "train", "finetune", "sweep", "study", "predict", "models", "tasks", "fetch"):
         assert verb in out
     out = run("demo", "--help").stdout
     assert "--cut-layer" in out and "half the model's layers" in out and "(default: minilm)" in out
@@ -36,22 +37,29 @@ def test_models_and_tasks_listings():
     assert line.split()[:7] == ["trec", "classification", "trec", "4,362", "546", "544", "6"]
 
 
-def test_demo_encodes_real_texts_and_reports_bytes_per_token():
-    out = run("demo", "--limit", "40", "--cut-layer", "2", "--batch-size", "16")
-    assert out.returncode == 0, out.stderr
-    assert "cut layer k=2" in out.stdout and "40 of 5,452 documents" in out.stdout
-    assert "er_ray ragged fp16 (no padding)" in out.stdout and " 768" in out.stdout  # 2 bytes x 384 per token
-
-
-def test_demo_result_from_the_python_api_is_the_same_call():
-    result = demo.run(demo.DemoOptions(limit=10, cut_layer=1, max_length=8))
-    assert result["cut_layer"] == 1 and result["documents"] == 10
-    assert result["real_tokens"] <= 10 * 8 and result["shape"][2] == 384
+def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
+    """The README's main job, cut small: cache once, train from the cache, fine-tune the baseline, table + plot.
+    (Run as the user runs it; it joins this session's Ray instead of starting a second one.)"""
+    out = tmp_path / "demo"
+    res = subprocess.run([ER_RAY, "demo", "--task", "trec", "--compare", "trec", "--epochs", "1",
+                          "--max-train-examples", "64", "--max-length", "32", "--output", str(out)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cut layer k=3" in res.stdout and "cache trec: 5,452 documents" in res.stdout
+    for step in ("1/3 caching layer 3", "2/3 training 1 task models", "3/3 full fine-tuning of trec"):
+        assert step in res.stdout
+    line = next(ln for ln in res.stdout.splitlines() if "recycled k=3 lora 16" in ln)
+    assert line.split()[0] == "trec" and re.search(r" \d+\.\d\dx ", line), line  # the speed-up column
+    assert any("full fine-tuning" in ln for ln in res.stdout.splitlines())
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "runs" / "trec-finetune-s0" / "metrics.json").exists()
+    assert (out / "runs" / "trec-k3-lora16-s0" / "metrics.json").exists()
 
 
 def test_bad_options_are_errors_not_tracebacks():
-    out = run("demo", "--cut-layer", "9", "--limit", "4")
-    assert out.returncode == 1 and "--cut-layer 9 is deeper than minilm's 6 layers" in out.stderr
+    out = run("demo", "--cut-layer", "9")
+    assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 1..5" in out.stderr
     assert "Traceback" not in out.stderr
     out = run("demo", "--batch-size", "0")
     assert out.returncode == 2 and "--batch-size must be at least 1" in out.stderr
@@ -61,8 +69,8 @@ def test_bad_options_are_errors_not_tracebacks():
 
 def test_cli_options_are_the_api_dataclasses():
     parser = cli.build_parser()
-    ns = parser.parse_args(["demo", "--cut-layer", "4", "--limit", "none", "--model", "mpnet"])
+    ns = parser.parse_args(["demo", "--cut-layer", "4", "--max-train-examples", "none", "--model", "mpnet"])
     opts = cli.options_from(ns, demo.DemoOptions)
-    assert opts == dataclasses.replace(demo.DemoOptions(), cut_layer=4, limit=None, model="mpnet")
+    assert opts == dataclasses.replace(demo.DemoOptions(), cut_layer=4, max_train_examples=None, model="mpnet")
     ns = parser.parse_args(["fetch", "--names", "minilm,trec", "--names", "wnut16"])
     assert cli.options_from(ns, cli.FetchOptions).names == ["minilm", "trec", "wnut16"]

@@ -1,0 +1,248 @@
+"""The paper's study as one command: full fine-tuning against recycled models, accuracy and time side by side.
+
+Per model: a sweep over cut layers and adapters picks, per task, the best configuration on dev (and the best at
+k = L/2, the paper's 50% cut); then full fine-tuning, recycled at L/2 and the sweep's best are trained once per
+seed, and REPORT.md sets mean and spread of their test scores, their time per epoch and the cache's cost
+(amortised over the tasks sharing it) side by side. Every number in the report is read from a run's
+metrics.json; study.parquet holds them all. Re-running resumes: finished runs are read, not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import Adapter
+from .sweep import SweepOptions, default_cut_layers, sweep
+from .train import TrainOptions, run_all
+
+PAPER = ("Saad-Falcon et al. (arXiv 2207.04993), DeBERTa-v2 XL on a GPU, 50% cut: training >= 1.9x faster, "
+         "inference 1.87-1.91x faster, accuracy within about a point of full fine-tuning on classification tasks.")
+VARIANTS = ("finetune", "recycled k=L/2", "recycled best")
+
+
+def _builtin_tasks() -> list[str]:
+    from .tasks import BUILTINS
+
+    return list(BUILTINS)
+
+
+@dataclass
+class StudyOptions:
+    model: list[str] = field(default_factory=lambda: ["minilm", "mpnet"])
+    """models to study"""
+    task: list[str] = field(default_factory=_builtin_tasks)
+    """tasks to study"""
+    seed: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds: every compared configuration is trained once per seed (mean and spread reported)"""
+    cut_layer: list[int] = field(default_factory=list)
+    """cut layers the sweep tries (default: about L/3, L/2, 2L/3); L/2 is always among them"""
+    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
+    """adapter kinds the sweep tries"""
+    adapter_size: list[int] = field(default_factory=lambda: [8, 32])
+    """adapter sizes the sweep tries"""
+    learning_rate: list[float] = field(default_factory=list)
+    """learning rates the sweep tries (default: one per adapter kind)"""
+    epochs: int = 3
+    """epochs of every run (the same for fine-tuning and recycled models)"""
+    batch_size: int = 32
+    """examples per step"""
+    max_length: int = 128
+    """tokens per document at most"""
+    max_train_examples: int | None = None
+    """train on at most this many examples (a quick study); dev and test stay whole"""
+    max_concurrent_runs: int | None = None
+    """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
+    output: str = "study"
+    """folder for REPORT.md, study.parquet, plots, and every sweep and run; re-running resumes"""
+
+
+def _log(msg: str) -> None:
+    print(f"[er_ray study] {msg}", file=sys.stderr, flush=True)
+
+
+def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def study(opts: StudyOptions) -> dict[str, Any]:
+    from . import encoders, tasks
+    from .cluster import cluster_gpus, connect
+
+    connect(dashboard=True)  # the sweeps need it (Tune over Ray Train)
+    out = Path(opts.output).resolve()
+    runs: list[dict[str, Any]] = []
+    caches: dict[str, dict[str, Any]] = {}
+    for model in opts.model:
+        fp = encoders.fingerprint(model, opts.max_length)
+        half = fp["num_layers"] // 2
+        layers = sorted(set(opts.cut_layer or default_cut_layers(fp["num_layers"])) | {half})
+        _log(f"{model}: sweep over k in {layers}, adapters {opts.adapter} x {opts.adapter_size}")
+        sw = sweep(SweepOptions(task=opts.task, model=model, cut_layer=layers, adapter=opts.adapter,
+                                adapter_size=opts.adapter_size, learning_rate=opts.learning_rate,
+                                output=str(out / model / "sweep"), caches=str(out), epochs=opts.epochs,
+                                batch_size=opts.batch_size, max_length=opts.max_length,
+                                max_train_examples=opts.max_train_examples, seed=opts.seed[0]))
+        caches[model] = _cache_cost(out / model / "cache.json", sw)
+        done = [r for r in sw["trials"] if r["status"] == "done"]
+        chosen = {}
+        for task in opts.task:
+            name = tasks.load_task(task).name
+            mine = [r for r in done if r["task"] == name]
+            at_half = [r for r in mine if r["cut_layer"] == half]
+            if not mine or not at_half:
+                raise RuntimeError(f"{model} {name}: the sweep finished no trial{' at k=L/2' if mine else ''}")
+            chosen[task] = {"recycled k=L/2": max(at_half, key=lambda r: r["dev"]),
+                            "recycled best": max(mine, key=lambda r: r["dev"])}
+        pairs, labels = [], []
+        for seed in opts.seed:
+            base = dict(model=model, output=str(out / model), epochs=opts.epochs, patience=opts.epochs,
+                        batch_size=opts.batch_size, max_length=opts.max_length,
+                        max_train_examples=opts.max_train_examples, seed=seed)
+            for task in opts.task:
+                pairs.append((TrainOptions(task=[task], full_finetune=True, **base), task))
+                labels.append(["finetune"])
+                configs: dict[tuple, list[str]] = {}
+                for variant, r in chosen[task].items():  # the L/2 best may be the best: train it once
+                    key = (r["cut_layer"], r["adapter"], r["adapter_size"], r["learning_rate"])
+                    configs.setdefault(key, []).append(variant)
+                for (k, adapter, size, lr), variants in configs.items():
+                    pairs.append((TrainOptions(task=[task], cut_layer=k, adapter=adapter, adapter_size=size or 16,
+                                               learning_rate=lr, cache=sw["caches"][tasks.load_task(task).spec.corpus],
+                                               **base), task))
+                    labels.append(variants)
+        width = opts.max_concurrent_runs or max(1, cluster_gpus())
+        _log(f"{model}: {len(pairs)} runs ({len(opts.seed)} seed(s)), {width} at a time")
+        metrics = run_all(pairs, out / model, max_concurrent=width, skip_done=True)
+        corpus = {tasks.load_task(t).name: tasks.load_task(t).spec.corpus for t in opts.task}
+        for m, variants in zip(metrics, labels):
+            for v in variants:
+                runs.append({**{c: m.get(c) for c in RUN_COLUMNS}, "model": model, "variant": v,
+                             "corpus": corpus[m["task"]]})
+    return write_report(runs, caches, opts, out)
+
+
+RUN_COLUMNS = ["model", "task", "variant", "seed", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
+               "learning_rate", "seconds_per_epoch", "epochs_run", "trainable_parameters", "run"]
+
+
+def _cache_cost(path: Path, sw: dict[str, Any]) -> dict[str, Any]:
+    """The cache's build time, kept from the run that built it (a resumed study finds its caches built)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    cost = {"seconds": sw["cache_seconds"], "corpora": sorted(sw["caches"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cost))
+    return cost
+
+
+def summarise(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, task): each variant's mean and spread over seeds, its speed-up over fine-tuning, and
+    the cache's cost per task in epochs of fine-tuning."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == model]
+        tasks = list(dict.fromkeys(r["task"] for r in mine))
+        corpora = {r["task"]: r["corpus"] for r in mine}
+        sharing = {c: sum(1 for t in tasks if corpora[t] == c) for c in corpora.values()}
+        per_corpus_s = caches[model]["seconds"] / max(len(caches[model]["corpora"]), 1)
+        for task in tasks:
+            row: dict[str, Any] = {"model": model, "task": task}
+            ft_epoch = None
+            for v in VARIANTS:
+                rs = [r for r in mine if r["task"] == task and r["variant"] == v]
+                mean, sd = _mean_sd([r["test"] for r in rs])
+                epoch_s, _ = _mean_sd([r["seconds_per_epoch"] for r in rs])
+                row.update({f"{v} test": mean, f"{v} sd": sd, f"{v} s/epoch": epoch_s, "seeds": len(rs),
+                            "metric": rs[0]["metric"] if rs else None})
+                if v == "finetune":
+                    ft_epoch = epoch_s
+                else:
+                    row[f"{v} speedup"] = ft_epoch / epoch_s if ft_epoch and epoch_s else None
+                    if rs:
+                        r = rs[0]
+                        row[f"{v} config"] = f"k={r['cut_layer']} {r['adapter']}" + \
+                            ("" if r["adapter"] == "full" else f" {r['adapter_size']}") + f" lr {r['learning_rate']:g}"
+            cache_s = per_corpus_s / sharing[corpora[task]]
+            row["cache s per task"] = cache_s
+            row["cache cost (finetune epochs)"] = cache_s / ft_epoch if ft_epoch else None
+            rows.append(row)
+    return rows
+
+
+def _fmt(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd else "")
+
+
+def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], opts: StudyOptions,
+                 out: Path) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .report import format_table
+
+    pq.write_table(pa.Table.from_pylist(runs), out / "study.parquet")
+    summary = summarise(runs, caches)
+    table = []
+    for s in summary:
+        row = {"model": s["model"], "task": s["task"], "metric": s["metric"], "seeds": s["seeds"],
+               "finetune": _fmt(s["finetune test"], s["finetune sd"])}
+        for v in VARIANTS[1:]:
+            row[v] = _fmt(s[f"{v} test"], s[f"{v} sd"])
+            row[f"{v}: config"] = s.get(f"{v} config", "")
+            row[f"{v}: speedup"] = f"{s[f'{v} speedup']:.2f}x" if s.get(f"{v} speedup") else ""
+        row["cache cost (finetune epochs)"] = s["cache cost (finetune epochs)"]
+        table.append(row)
+    plots = plot_study(summary, out / "plots")
+    md = ["# er_ray study: full fine-tuning against embedding recycling", "",
+          f"Models {', '.join(opts.model)}; tasks {', '.join(opts.task)}; seeds {opts.seed}; {opts.epochs} epoch(s), "
+          f"batch {opts.batch_size}, max length {opts.max_length}"
+          + (f", at most {opts.max_train_examples} training examples" if opts.max_train_examples else "") + ".",
+          "", "Test scores are the mean (± standard deviation) over seeds of the epoch chosen on dev. Speed-up is "
+          "fine-tuning's seconds per epoch over the recycled model's. The cache is built once per corpus and model; "
+          "its cost is shared by the tasks over that corpus, in epochs of fine-tuning.", "",
+          f"**The paper's headline**: {PAPER}", "", format_table(table, list(table[0]) if table else [], markdown=True),
+          "", "Per-task sweeps (every trial, plots of the metric against k and against cost): "
+          + ", ".join(f"[{m}]({m}/sweep/sweep.md)" for m in opts.model) + ".", ""]
+    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    md += ["", "Raw results, one row per run and variant: `study.parquet`."]
+    (out / "REPORT.md").write_text("\n".join(md) + "\n")
+    print(format_table(table))
+    _log(f"report -> {out / 'REPORT.md'}")
+    return {"runs": runs, "summary": summary}
+
+
+def plot_study(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Per model: test score of each variant per task (bars, seed spread as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model in dict.fromkeys(s["model"] for s in summary):
+        mine = [s for s in summary if s["model"] == model]
+        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(mine)), 4))
+        width = 0.8 / len(VARIANTS)
+        for j, v in enumerate(VARIANTS):
+            xs = [i + (j - 1) * width for i in range(len(mine))]
+            ax.bar(xs, [s[f"{v} test"] or 0 for s in mine], width, yerr=[s[f"{v} sd"] or 0 for s in mine],
+                   label=v, capsize=3)
+        ax.set_xticks(range(len(mine)), [s["task"] for s in mine], rotation=20)
+        ax.set(ylabel="test score", title=f"{model}: fine-tuning against recycled", ylim=(0, 1))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / f"{model}-study.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written

@@ -1,0 +1,418 @@
+"""Ray Tune chooses the cut layer and the adapter per task.
+
+A sweep is a grid of trials over tasks x cut layer k x adapter kind and size x learning rate. Each trial is one
+Ray Train + DeepSpeed run (`train.fit_run`) launched from a Tune function trainable, the Train V2 + Tune pattern:
+Train's `TuneReportCallback` forwards every epoch's report to Tune, and ASHA stops weak trials on the dev metric.
+All the cut layers a corpus needs are encoded up front in one multi-layer pass; every trial reads them.
+
+Trials are named by their configuration (no timestamps): re-running a sweep restores the Tuner, and a trial whose
+run already finished is reported from its metrics.json instead of being trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import OptionsError
+from .model import ADAPTERS, Adapter
+from .train import DEFAULT_LR, TrainOptions
+
+SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
+                 "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
+
+
+@dataclass
+class SweepOptions:
+    task: list[str]
+    """task(s): built-in names or spec files; trials of all tasks share the cluster and the caches"""
+    model: str = "minilm"
+    """packaged model name, local folder, or hub id"""
+    cut_layer: list[int] = field(default_factory=list)
+    """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers)"""
+    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
+    """adapter kinds to try: lora, bottleneck, full"""
+    adapter_size: list[int] = field(default_factory=lambda: [8, 32])
+    """adapter sizes to try (LoRA rank, bottleneck width; ignored by full)"""
+    learning_rate: list[float] = field(default_factory=list)
+    """learning rates to try (default: one per adapter kind, as `er-ray train` uses)"""
+    output: str = "sweep"
+    """the sweep's folder: trials' runs, Tune state, sweep.parquet/.md and plots; re-running with the same
+    folder resumes the sweep"""
+    caches: str | None = None
+    """where the caches live (default: the sweep's folder); point train runs and sweeps at one place to share"""
+    epochs: int = 3
+    """epochs per trial at most (ASHA and early stopping end weak trials sooner)"""
+    batch_size: int = 32
+    """examples per step per worker"""
+    max_length: int = 128
+    """tokens per document at most"""
+    max_train_examples: int | None = None
+    """train each trial on at most this many examples (quick sweeps); dev and test stay whole"""
+    seed: int = 0
+    """seed of every trial"""
+    dtype: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
+    """cache dtype"""
+    workers: int = 1
+    """Ray Train workers per trial"""
+    max_concurrent_trials: int | None = None
+    """trials at once (default: what the cluster's GPUs, or CPUs, hold)"""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped"""
+    reduction_factor: float = 2
+    """ASHA: keep the best 1/reduction_factor of trials at each rung"""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha stops weak trials early (per task); fifo runs every trial to the end"""
+
+    def __post_init__(self):
+        if isinstance(self.task, str):
+            self.task = [self.task]
+        if not self.task:
+            raise OptionsError("name at least one --task")
+        bad = [a for a in self.adapter if a not in ADAPTERS]
+        if bad or not self.adapter:
+            raise OptionsError(f"--adapter must be among {', '.join(ADAPTERS)} (got {bad or 'none'})")
+        if self.epochs < 1 or self.workers < 1 or self.grace_period < 1:
+            raise OptionsError("--epochs, --workers and --grace-period must be at least 1")
+        if self.grace_period > self.epochs:
+            raise OptionsError(f"--grace-period {self.grace_period} exceeds --epochs {self.epochs}")
+
+
+def _log(msg: str) -> None:
+    print(f"[er_ray sweep] {msg}", file=sys.stderr, flush=True)
+
+
+def default_cut_layers(num_layers: int) -> list[int]:
+    return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
+
+
+def grid(opts: SweepOptions, num_layers: int) -> list[dict[str, Any]]:
+    """Every trial's point: (cut layer, adapter, size, learning rate), without duplicates (full has no size)."""
+    layers = opts.cut_layer or default_cut_layers(num_layers)
+    bad = [k for k in layers if not 0 <= k < num_layers]
+    if bad:
+        raise OptionsError(f"--cut-layer {bad} out of range: the model has layers 0..{num_layers - 1} to cut at")
+    points = []
+    for k in sorted(set(layers)):
+        for adapter in dict.fromkeys(opts.adapter):
+            for size in ([None] if adapter == "full" else sorted(set(opts.adapter_size))):
+                for lr in (opts.learning_rate or [DEFAULT_LR[adapter]]):
+                    points.append({"cut_layer": k, "adapter": adapter, "adapter_size": size, "learning_rate": lr})
+    return points
+
+
+def trial_name(task: str, p: dict[str, Any], seed: int) -> str:
+    size = "" if p["adapter"] == "full" else str(p["adapter_size"])
+    return f"{task}-k{p['cut_layer']}-{p['adapter']}{size}-lr{p['learning_rate']:g}-s{seed}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trial: a Tune function trainable that runs one TorchTrainer
+
+
+def _trial(config: dict[str, Any]) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import fit_run, plan_run
+
+    import ray.data
+
+    config = _flatten(config)
+    p, name = config["point"], config["name"]
+    # Many trials at once: Ray Data's per-dataset progress bars would bury Tune's status table in the log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    run = Path(config["train"]["output"]) / "runs" / name
+    if _finished(run, config):  # in an earlier, interrupted sweep: report it, do not train again
+        m = json.loads((run / "metrics.json").read_text())
+        tune.report({"dev_score": m["dev"], "final": True, "dev": m["dev"], "test": m["test"], "reused": True})
+        return
+    opts = TrainOptions(**dict(config["train"], task=[config["task"]], cut_layer=p["cut_layer"],
+                               adapter=p["adapter"], adapter_size=p["adapter_size"] or 16,
+                               learning_rate=p["learning_rate"], cache=config["cache"]))
+    plan = plan_run(opts, config["task"], name=name)
+    fit_run(plan, opts, concurrent_workers=config["concurrent_workers"], callbacks=[TuneReportCallback()])
+    _mark_finished(run, config)
+
+
+def _trial_key(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in ("task", "point", "train", "cache")}
+
+
+def _finished(run: Path, config: dict[str, Any]) -> bool:
+    """A run counts as this trial's only if it finished with the very same settings (epochs, examples, ...)."""
+    marker = run / "trial.json"
+    return (run / "metrics.json").exists() and marker.exists() and \
+        json.loads(marker.read_text()) == json.loads(json.dumps(_trial_key(config)))
+
+
+def _mark_finished(run: Path, config: dict[str, Any]) -> None:
+    (run / "trial.json").write_text(json.dumps(_trial_key(config), indent=1))
+
+
+def per_task_asha(**kwargs):
+    """ASHA with one set of rungs per task: dev scores of different tasks are not comparable (a good model of a
+    hard task would lose to a weak model of an easy one), so each task's trials compete only with each other.
+    (Built here, not at import: importing Tune costs `er-ray --help` two seconds.)"""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    class _PerTask(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self._by_task: dict[str, ASHAScheduler] = {}
+            self._search: dict[str, str] = {}
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            self._search = {"metric": metric, "mode": mode}  # TuneConfig's, handed to each task's ASHA
+            return True
+
+        def _for(self, trial) -> ASHAScheduler:
+            task = _flatten(trial.config)["task"]
+            if task not in self._by_task:
+                self._by_task[task] = ASHAScheduler(**kwargs, **self._search)
+            return self._by_task[task]
+
+        def on_trial_add(self, tc, trial):
+            self._for(trial).on_trial_add(tc, trial)
+
+        def on_trial_result(self, tc, trial, result):
+            return self._for(trial).on_trial_result(tc, trial, result)
+
+        def on_trial_complete(self, tc, trial, result):
+            self._for(trial).on_trial_complete(tc, trial, result)
+
+        def on_trial_remove(self, tc, trial):
+            self._for(trial).on_trial_remove(tc, trial)
+
+        def debug_string(self) -> str:
+            return "; ".join(f"{t}: {s.debug_string()}" for t, s in self._by_task.items())
+
+    return _PerTask()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _concurrency(opts: SweepOptions, trials: int) -> int:
+    from .cluster import cluster_cpus, cluster_gpus
+
+    if opts.max_concurrent_trials:
+        return opts.max_concurrent_trials
+    gpus = cluster_gpus()
+    # A trial's workers take a GPU each where there are GPUs; on CPUs, one core per worker keeps each trial's
+    # matrix multiplies fed (more trials than cores only adds switching).
+    slots = gpus // opts.workers if gpus else int(cluster_cpus()) // opts.workers
+    return max(1, min(trials, slots))
+
+
+def sweep(opts: SweepOptions) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns {"trials": rows, "best": best row per task}."""
+    from ray import tune
+
+    from . import encoders, tasks
+    from .cluster import connect
+    from .train import ensure_cache
+
+    # Tune over Ray Train needs the dashboard (State API): without it a trial stopped by ASHA keeps its workers'
+    # placement group and the next trial waits for resources forever.
+    connect(dashboard=True)
+    fp = encoders.fingerprint(opts.model, opts.max_length)
+    points = grid(opts, fp["num_layers"])
+    out = Path(opts.output).resolve()
+    train_base = dict(model=opts.model, output=str(out), epochs=opts.epochs, patience=opts.epochs,
+                      batch_size=opts.batch_size, max_length=opts.max_length, workers=opts.workers,
+                      seed=opts.seed, max_train_examples=opts.max_train_examples, dtype=opts.dtype, max_failures=1)
+
+    # Caches first: one multi-layer pass per corpus covers every k of the grid; trials only read.
+    layers = sorted({p["cut_layer"] for p in points})
+    caches, t0 = {}, time.perf_counter()
+    for name in opts.task:
+        task = tasks.load_task(name)
+        cache_opts = TrainOptions(**dict(train_base, task=[name], output=opts.caches or str(out)))
+        if task.spec.corpus not in caches:
+            caches[task.spec.corpus] = str(ensure_cache(cache_opts, task, fp, layers))
+    cache_seconds = time.perf_counter() - t0
+    loaded = {t: tasks.load_task(t) for t in opts.task}  # a task given as a spec file is named by its spec
+    trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, opts.seed),
+               "cache": caches[loaded[t].spec.corpus]} for t in opts.task for p in points]
+    concurrent = _concurrency(opts, len(trials))
+    for t in trials:
+        t.update(train=train_base, concurrent_workers=concurrent * opts.workers)
+    _log(f"{len(trials)} trials ({len(opts.task)} task(s) x {len(points)} points), {concurrent} at a time; "
+         f"caches at layers {layers} ready in {cache_seconds:.0f} s")
+
+    scheduler = (per_task_asha(time_attr="training_iteration", max_t=opts.epochs, grace_period=opts.grace_period,
+                             reduction_factor=opts.reduction_factor, stop_last_trials=False)
+                 if opts.scheduler == "asha" else None)
+    # A trial's own process only waits on its TorchTrainer: it needs a sliver of CPU, not a core
+    # (0 is refused by Tune's resource request).
+    trainable = tune.with_resources(_trial, {"cpu": 0.05})
+    # The Tune experiment is named by its grid: the same command restores it; changed options start a new one
+    # (whose trials still reuse every run that finished with identical settings).
+    storage = out / "tune"
+    tune_name = "trials-" + hashlib.sha256(json.dumps([_trial_key(t) for t in trials], sort_keys=True)
+                                           .encode()).hexdigest()[:10]
+    param_space = {"trial": tune.grid_search(trials)}
+    t0 = time.perf_counter()
+    if tune.Tuner.can_restore(str(storage / tune_name)):
+        _log("resuming the sweep found in " + str(storage / tune_name))
+        tuner = tune.Tuner.restore(str(storage / tune_name), trainable, param_space=param_space,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="dev_score", mode="max", scheduler=scheduler,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    grid_result = tuner.fit()
+    sweep_seconds = time.perf_counter() - t0
+    rows = collect(grid_result, out, fp["model"])
+    best = write_sweep(rows, out, cache_seconds=cache_seconds, sweep_seconds=sweep_seconds)
+    return {"trials": rows, "best": best, "caches": caches, "cache_seconds": cache_seconds,
+            "sweep_seconds": sweep_seconds}
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    # Tune hands the trainable {"trial": {...}}: unwrap it so the trainable sees one trial's fields
+    return config["trial"] if "trial" in config else config
+
+
+def collect(grid_result, out: Path, model: str) -> list[dict[str, Any]]:
+    """One row per trial. A finished trial's metrics.json is the truth (dev and test of its best epoch); a trial
+    ASHA stopped has only its reported epochs: its best dev, no test. A finished trial whose process was stopped
+    before it copied its outputs gets them from its last checkpoint."""
+    rows = []
+    for r in grid_result:
+        cfg = _flatten(r.config)
+        name, p = cfg["name"], cfg["point"]
+        run = out / "runs" / name
+        last = r.metrics or {}
+        ckpt = last.get("checkpoint_path")
+        if not (run / "metrics.json").exists() and last.get("final") and ckpt and Path(ckpt, "metrics.json").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(Path(ckpt) / "model", run / "model", dirs_exist_ok=True)
+            shutil.copy(Path(ckpt) / "metrics.json", run / "metrics.json")
+            _mark_finished(run, cfg)
+        row = {"trial": name, "task": cfg["task_name"], "model": model, "seed": cfg["train"]["seed"], **p}
+        if (run / "metrics.json").exists():
+            m = json.loads((run / "metrics.json").read_text())
+            row.update(status="done", metric=m["metric"], dev=m["dev"], test=m["test"], epochs_run=m["epochs_run"],
+                       train_seconds=m["train_seconds"], trainable_parameters=m["trainable_parameters"])
+        else:
+            hist = r.metrics_dataframe
+            devs = hist["dev_score"].dropna().tolist() if hist is not None and "dev_score" in hist else []
+            row.update(status="error" if r.error else "stopped", metric=None, dev=max(devs) if devs else None,
+                       test=None, epochs_run=len(devs),
+                       train_seconds=float(hist["train_seconds"].sum()) if devs else None,
+                       trainable_parameters=last.get("trainable_parameters"))
+        rows.append(row)
+    metric_of = {r["task"]: r["metric"] for r in rows if r["metric"]}
+    for r in rows:
+        r["metric"] = r["metric"] or metric_of.get(r["task"])
+    return sorted(rows, key=lambda r: (r["task"], r["cut_layer"], r["adapter"], r["adapter_size"] or 0,
+                                       r["learning_rate"]))
+
+
+def best_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chosen on dev among trials that finished (so they have a test score), reported on test."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["status"] == "done" and r["dev"] is not None:
+            if r["task"] not in best or r["dev"] > best[r["task"]]["dev"]:
+                best[r["task"]] = r
+    return [best[t] for t in sorted(best)]
+
+
+def write_sweep(rows: list[dict[str, Any]], out: Path, cache_seconds: float, sweep_seconds: float) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .report import format_table
+
+    best = best_per_task(rows)
+    table = [{c: r.get(c) for c in SWEEP_COLUMNS} for r in rows]
+    pq.write_table(pa.Table.from_pylist(table), out / "sweep.parquet")
+    plots = plot_sweep(rows, out / "plots")
+    cols = ["task", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate", "dev", "test",
+            "train_seconds", "trainable_parameters"]
+    md = [f"# Sweep: {len(rows)} trials", "",
+          f"Caches ready in {cache_seconds:.0f} s (built, extended or found built); "
+          f"trials ran in {sweep_seconds:.0f} s.", "",
+          "## Best per task (chosen on dev, reported on test)", "", format_table(best, cols, markdown=True), "",
+          "## Every trial", "", format_table(table, SWEEP_COLUMNS, markdown=True), "", "## Plots", ""]
+    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    (out / "sweep.md").write_text("\n".join(md) + "\n")
+    print(format_table(best, cols))
+    _log(f"{len(rows)} trials: {sum(r['status'] == 'done' for r in rows)} finished, "
+         f"{sum(r['status'] == 'stopped' for r in rows)} stopped early -> {out / 'sweep.md'}")
+    return best
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and score (higher), by rising cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_sweep(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Per task: dev metric against k, one line per adapter and size (the best over learning rates); dev metric
+    against training cost with the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task and r["dev"] is not None]
+        if not mine:
+            continue
+        metric = mine[0]["metric"] or "dev"
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({(r["adapter"], r["adapter_size"] or 0) for r in mine}):
+            pts = sorted((r["cut_layer"], max(x["dev"] for x in mine if x["cut_layer"] == r["cut_layer"]
+                                              and (x["adapter"], x["adapter_size"] or 0) == key)) for r in mine
+                         if (r["adapter"], r["adapter_size"] or 0) == key)
+            pts = sorted(set(pts))
+            label = key[0] if key[0] == "full" else f"{key[0]} {key[1]}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(xlabel="cut layer k", ylabel=f"dev {metric}", title=f"{task}: dev {metric} against the cut layer")
+        ax.legend()
+        fig.tight_layout()
+        written.append(folder / f"{task}-dev-vs-k.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+        costed = [r for r in mine if r["train_seconds"]]
+        if costed:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            xy = [(r["train_seconds"], r["dev"]) for r in costed]
+            ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=["C0" if r["status"] == "done" else "C7"
+                                                                  for r in costed])
+            for r, (x, y) in zip(costed, xy):
+                ax.annotate(f"k{r['cut_layer']} {r['adapter']}{r['adapter_size'] or ''} lr{r['learning_rate']:g}",
+                            (x, y), fontsize=7)
+            front = [xy[i] for i in pareto_front(xy)]
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", label="Pareto front")
+            ax.set(xlabel="training seconds", ylabel=f"dev {metric}", title=f"{task}: dev {metric} against cost")
+            ax.legend()
+            fig.tight_layout()
+            written.append(folder / f"{task}-pareto.png")
+            fig.savefig(written[-1], dpi=100)
+            plt.close(fig)
+    return written
+

@@ -1,0 +1,81 @@
+"""The sweep on real Ray Tune over real Ray Train runs (MiniLM, trec, a tiny grid): caches built once, every
+trial run, the best chosen on dev, table and plots written; killed midway and re-run, finished trials are not
+redone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from er_ray.sweep import SweepOptions, pareto_front, sweep
+
+ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+ARGS = ["--task", "trec", "--cut-layer", "2,4", "--adapter-size", "4", "--learning-rate", "2e-3,5e-4", "--epochs",
+        "2", "--max-train-examples", "200", "--max-length", "48", "--batch-size", "16",
+        "--max-concurrent-trials", "1", "--scheduler", "fifo"]
+TRIALS = [f"trec-k{k}-lora4-lr{lr}-s0" for k in (2, 4) for lr in ("0.002", "0.0005")]
+
+
+def _wait_for_first_trial(proc, runs: Path, timeout: float = 600) -> Path:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = sorted(runs.glob("*/metrics.json")) if runs.exists() else []
+        if done:
+            return done[0]
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(1)
+    raise AssertionError("no trial finished in time")
+
+
+def test_sweep_killed_and_resumed_builds_caches_once_and_reports(ray_local, tmp_path):
+    out = tmp_path / "sweep"
+    # The first run joins this session's Ray as its own driver process, and is SIGKILLed once a trial finished.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([ER_RAY, "sweep", *ARGS, "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        first = _wait_for_first_trial(proc, out / "runs")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    assert first.parent.name in finished_before and len(finished_before) < len(TRIALS)
+    manifests = {k: (out / "caches" / "trec-minilm-48" / f"layer={k}" / "manifest.json") for k in (2, 4)}
+    cache_state = {k: m.read_bytes() for k, m in manifests.items()}  # both layers came from the first run's pass
+
+    # Re-run in this process with the same options: resumes, redoes nothing that finished, encodes nothing.
+    from er_ray.cli import build_parser, options_from
+
+    opts = options_from(build_parser().parse_args(["sweep", *ARGS, "--output", str(out)]), SweepOptions)
+    result = sweep(opts)
+    for name, mtime in finished_before.items():
+        assert (out / "runs" / name / "metrics.json").stat().st_mtime_ns == mtime, f"{name} was trained again"
+    assert {k: m.read_bytes() for k, m in manifests.items()} == cache_state
+    assert len(list((out / "caches").iterdir())) == 1
+
+    rows = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert sorted(r["trial"] for r in rows) == sorted(TRIALS)
+    assert all(r["status"] == "done" and 0 <= r["dev"] <= 1 and r["test"] is not None for r in rows), rows
+    assert {(r["cut_layer"], r["learning_rate"]) for r in rows} == {(k, lr) for k in (2, 4) for lr in (2e-3, 5e-4)}
+    for r in rows:  # the table's numbers are the runs' own
+        m = json.loads((out / "runs" / r["trial"] / "metrics.json").read_text())
+        assert (r["dev"], r["test"], r["trainable_parameters"], r["epochs_run"]) == \
+               (m["dev"], m["test"], m["trainable_parameters"], m["epochs_run"])
+    best = result["best"]
+    assert len(best) == 1 and best[0]["dev"] == max(r["dev"] for r in rows)
+    assert best[0]["trial"] in (out / "sweep.md").read_text()
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["trec-dev-vs-k.png", "trec-pareto.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_pareto_front():
+    # (cost, score): the front keeps what nothing cheaper beats
+    pts = [(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.9), (0.5, 0.1)]
+    assert pareto_front(pts) == [5, 0, 2, 4]
