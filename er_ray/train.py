@@ -228,6 +228,7 @@ def train_loop(config: dict) -> None:
     from . import encoders
     from .model import ModelSpec, TaskModel
 
+    started_at = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("threads"):
@@ -296,6 +297,7 @@ def train_loop(config: dict) -> None:
                 "examples": int(tokens_all)}
 
     metric = config["metric"]
+    live = _LiveMetrics(config) if rank == 0 else None
     engine.train()
     for epoch in range(start_epoch, config["epochs"] if not stopped else 0):
         t0 = time.perf_counter()
@@ -317,9 +319,11 @@ def train_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             step_s += time.perf_counter() - ts
-            loss_sum += float(loss)
+            loss_sum += loss.detach().item()
             n_steps += 1
             n_ex += len(y)
+            if live and n_steps % 10 == 0:
+                live.step(loss_sum / n_steps, n_ex * world / max(time.perf_counter() - t0, 1e-9))
         train_s = time.perf_counter() - t0
         dev = evaluate("dev")
         improved = dev[metric] > best
@@ -330,9 +334,13 @@ def train_loop(config: dict) -> None:
             stale += 1
         row = {"epoch": epoch + 1, "resumed": bool(ckpt) and epoch == start_epoch,
                "train_loss": loss_sum / max(n_steps, 1), f"dev_{metric}": dev[metric],
+               "dev_score": dev[metric],  # one name for every task's metric: what a sweep's scheduler compares
+               "trainable_parameters": model.num_trainable(),
                "train_seconds": train_s, "examples_per_second": n_ex * world / max(train_s, 1e-9),
                "data_seconds": data_s, "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9)}
         history.append(row)
+        if live:
+            live.epoch(epoch + 1, row["train_loss"], dev[metric])
         stop = stale >= config["patience"] or epoch + 1 == config["epochs"]
         with tempfile.TemporaryDirectory() as d:
             # every rank saves (ZeRO partitions optimizer state); frozen weights are left out
@@ -346,11 +354,36 @@ def train_loop(config: dict) -> None:
                 final = _finish(model, best_state, evaluate, history, config, spec, enc, Path(d), rank,
                                 {"world_size": world, "global_steps": engine.global_steps,
                                  "zero_stage": engine.zero_optimization_stage(),
-                                 "optimizer": type(engine.optimizer).__name__})
+                                 "optimizer": type(engine.optimizer).__name__,
+                                 "started_at": started_at})
                 row.update(final)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
         if stop:
             break
+
+
+class _LiveMetrics:
+    """Loss, throughput, epoch and dev metric per run, through Ray's metrics API: the dashboard's Metrics view
+    (and Prometheus/Grafana where the cluster has them) shows every concurrent task side by side."""
+
+    def __init__(self, config: dict):
+        from ray.util import metrics
+
+        tags = ("run", "task", "metric")
+        self.tags = {"run": config["run"], "task": config["task"], "metric": config["metric"]}
+        self.loss = metrics.Gauge("er_ray_train_loss", "mean training loss of the epoch so far", tags)
+        self.speed = metrics.Gauge("er_ray_train_examples_per_second", "training examples per second", tags)
+        self.dev = metrics.Gauge("er_ray_train_dev_metric", "dev metric after the last epoch", tags)
+        self.epochs = metrics.Gauge("er_ray_train_epoch", "epochs finished", tags)
+
+    def step(self, loss: float, speed: float) -> None:
+        self.loss.set(loss, tags=self.tags)
+        self.speed.set(speed, tags=self.tags)
+
+    def epoch(self, epoch: int, loss: float, dev: float) -> None:
+        self.loss.set(loss, tags=self.tags)
+        self.dev.set(dev, tags=self.tags)
+        self.epochs.set(epoch, tags=self.tags)
 
 
 def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, rank: int, ds: dict) -> dict:
@@ -376,7 +409,8 @@ def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, ra
                "data_stall": float(np.mean([h["data_stall"] for h in history])),
                "trainable_parameters": model.num_trainable(), "learning_rate": config["lr"],
                "batch_size": config["batch_size"], "workers": config["workers"], "precision": config["precision"],
-               "zero_stage": config["zero_stage"], "seed": config["seed"], "deepspeed": ds, "history": history}
+               "zero_stage": config["zero_stage"], "seed": config["seed"], "history": history,
+               "started_at": ds.pop("started_at"), "finished_at": time.time(), "deepspeed": ds}
     if rank == 0:
         from safetensors.torch import save_file
 
@@ -450,19 +484,31 @@ def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: in
     return {"datasets": out, "rows": {s: len(v) for s, v in labels.items()}}
 
 
-def _ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
-    """The cache a recycled run reads. --cache is used as given (a task whose documents are missing from it is
-    an error); by default OUTPUT/caches/<corpus>-<model>-<max length> is built, or extended with the task's
-    documents it lacks: tasks sharing a corpus share it, and nothing is encoded twice."""
+def cache_root(output: str | Path, corpus: str, model: str, max_length: int) -> Path:
+    """Where a corpus's cache lives by default: one per (corpus, model, max length), shared by every task and
+    sweep trial over that corpus."""
+    return Path(output) / "caches" / f"{corpus}-{model}-{max_length}"
+
+
+def ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], layers: list[int]) -> Path:
+    """Build the default cache of the task's corpus at these cut layers (one pass for all), or extend it with the
+    documents or layers it lacks: nothing already encoded is encoded again."""
+    from . import cache
+
+    root = cache_root(opts.output, task.spec.corpus, fp["model"], opts.max_length)
+    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=str(root), model=opts.model,
+                                         cut_layer=sorted(set(layers)), dtype=opts.dtype,
+                                         max_length=opts.max_length, text_column=task.input_column))
+    return root
+
+
+def _open_run_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
+    """The cache a recycled run reads: --cache as given (a task whose documents are missing from it is an
+    error), else the default cache, built or extended first."""
     from . import cache
 
     expect = {f: fp[f] for f in cache.KEY_FIELDS if f in fp}
-    if opts.cache:
-        return cache.open_cache(opts.cache, k, expect=expect)
-    root = Path(opts.output) / "caches" / f"{task.spec.corpus}-{fp['model']}-{opts.max_length}"
-    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=str(root), model=opts.model,
-                                         cut_layer=[k], dtype=opts.dtype, max_length=opts.max_length,
-                                         text_column=task.input_column))
+    root = opts.cache or ensure_cache(opts, task, fp, [k])
     return cache.open_cache(root, k, expect=expect)
 
 
@@ -479,8 +525,22 @@ def _corpus_file(task) -> str:
     return str(path)
 
 
-def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
-    """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config."""
+def _default_name(opts: TrainOptions, task: str) -> str:
+    """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0."""
+    k = opts.cut_layer
+    if k is None:
+        from .encoders import fingerprint
+
+        k = fingerprint(opts.model, opts.max_length)["num_layers"] // 2
+    kind = "finetune" if opts.full_finetune else f"k{k}-{opts.adapter}" + \
+        ("" if opts.adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
+    return f"{task}-{kind}-s{opts.seed}"
+
+
+def plan_run(opts: TrainOptions, task_name: str, name: str | None = None) -> dict[str, Any]:
+    """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config. `name` (default:
+    task, cut layer, adapter and seed) names the run's folder and its Ray Train run: deterministic, so a re-run
+    resumes it."""
     from . import encoders, tasks
 
     task = tasks.load_task(task_name)
@@ -493,7 +553,7 @@ def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     source = "text" if opts.full_finetune or opts.from_text else "cache"
     cache_obj = None
     if source == "cache":
-        cache_obj = _ensure_cache(opts, task, fp, k)
+        cache_obj = _open_run_cache(opts, task, fp, k)
     data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
@@ -502,9 +562,7 @@ def plan_run(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size,
             "task_type": task.type, "num_labels": len(task.labels), "pooling": pooling, "source": source,
             "full_finetune": opts.full_finetune}
-    name = f"{task.name}-{'finetune' if opts.full_finetune else f'k{k}-{opts.adapter}'}" + \
-           ("" if opts.adapter == "full" else f"{opts.adapter_size}") + \
-           ("-text" if opts.from_text and not opts.full_finetune else "") + f"-s{opts.seed}"
+    name = name or _default_name(opts, task.name)
     config = {"run": name, "task": task.name, "model": opts.model, "model_spec": spec, "labels": task.labels,
               "metric": "span_f1" if token else "accuracy", "lr": opts.lr, "epochs": opts.epochs,
               "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
@@ -572,29 +630,49 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
 
 def train(opts: TrainOptions) -> list[dict[str, Any]]:
     """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table."""
+    return run_all([(opts, t) for t in opts.task], Path(opts.output))
+
+
+def run_all(runs: list[tuple[TrainOptions, str]], output: Path, max_concurrent: int | None = None,
+            skip_done: bool = False) -> list[dict[str, Any]]:
+    """Fit several (options, task) runs concurrently (at most `max_concurrent` at once; default all), sharing the
+    cluster; one failed run does not lose the others. With `skip_done`, a run whose metrics.json exists is read,
+    not trained again (how a study resumes). Returns metrics in the order given; writes the results table."""
     from .cluster import connect
+    from .tasks import load_task
 
     connect()
-    plans = [plan_run(opts, t) for t in opts.task]
-    results: dict[str, Any] = {}
+    results: dict[int, Any] = {}
+    todo = []
+    for i, (opts, task) in enumerate(runs):
+        done = Path(opts.output) / "runs" / _default_name(opts, load_task(task).name) / "metrics.json"
+        if skip_done and done.exists():
+            results[i] = json.loads(done.read_text())
+        else:
+            todo.append(i)
+    plans = {i: plan_run(runs[i][0], runs[i][1]) for i in todo}
+    width = min(len(todo), max_concurrent or len(todo)) or 1
+    gate = threading.Semaphore(width)
     errors: dict[str, BaseException] = {}
 
-    def run(p):
-        try:
-            results[p["name"]] = fit_run(p, opts, concurrent_workers=len(plans) * opts.workers)
-        except BaseException as e:  # reported after the others finish: one failed task does not lose the rest
-            errors[p["name"]] = e
+    def run(i):
+        opts = runs[i][0]
+        with gate:
+            try:
+                results[i] = fit_run(plans[i], opts, concurrent_workers=width * opts.workers)
+            except BaseException as e:  # reported after the others finish: one failed task does not lose the rest
+                errors[plans[i]["name"]] = e
 
-    threads = [threading.Thread(target=run, args=(p,), name=p["name"]) for p in plans]
+    threads = [threading.Thread(target=run, args=(i,), name=plans[i]["name"]) for i in todo]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    rows = [results[p["name"]] for p in plans if p["name"] in results]
-    write_results(rows, Path(opts.output))
+    rows = [results[i] for i in range(len(runs)) if i in results]
+    write_results(rows, output)
     if errors:
         name, e = next(iter(errors.items()))
-        raise TrainError(f"{len(errors)} of {len(plans)} runs failed; {name}: {e}") from e
+        raise TrainError(f"{len(errors)} of {len(todo)} runs failed; {name}: {e}") from e
     return rows
 
 
