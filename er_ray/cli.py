@@ -101,7 +101,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" (default: {shown})"
         if extra.get("action") == "append_flat":
             extra["action"] = _AppendFlat
-        kwargs = dict(dest=f.name, default=default, help=help_text, **extra)
+        # argparse %-formats help strings: a literal % in a field's docstring must be doubled
+        kwargs = dict(dest=f.name, default=default, help=help_text.replace("%", "%%"), **extra)
         if conv is not None:
             kwargs["type"] = conv
         if f.metadata.get("positional"):

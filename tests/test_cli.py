@@ -1,5 +1,6 @@
 """The command line as a user runs it: a real subprocess of the installed `er-ray`."""
 
+import argparse
 import dataclasses
 import os
 import re
@@ -24,6 +25,15 @@ def test_help_lists_every_verb_and_documents_options():
         assert verb in out
     out = run("demo", "--help").stdout
     assert "--cut-layer" in out and "half the model's layers" in out and "(default: minilm)" in out
+
+
+def test_every_verbs_help_formats():
+    # argparse formats help lazily: a bad help string (a lone %) only fails when someone asks for --help
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "--help" in text and len(text) > 100, name
 
 
 def test_models_and_tasks_listings():
