@@ -171,11 +171,6 @@ def layer_dir(root: str | Path, cut_layer: int) -> str:
     return storage.join(root, f"layer={cut_layer}")
 
 
-def _read_parquet(location: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(location)
-    return pq.read_table(path, columns=columns, filesystem=fs)
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import version  # no imports of torch or transformers on the driver
 
@@ -294,7 +289,7 @@ class Cache:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache as one Arrow table (small caches and tests; training streams it with Ray Data)."""
-        return pa.concat_tables([_read_parquet(f, columns) for f in self.files])
+        return pa.concat_tables([storage.read_parquet(f, columns) for f in self.files])
 
     def dataset(self, columns: list[str] | None = None):
         """A Ray Dataset over exactly the manifest's shards (read through the cache's filesystem)."""
@@ -357,7 +352,7 @@ def verify(root: str | Path) -> list[str]:
                 problems.append(f"{f}: checksum mismatch (sha256 differs from the manifest)")
                 continue
             try:
-                ids = _read_parquet(f, ["id"]).column("id").to_pylist()
+                ids = storage.read_parquet(f, ["id"]).column("id").to_pylist()
             except Exception as e:
                 problems.append(f"{f}: unreadable ({e})")
                 continue
@@ -691,7 +686,7 @@ class ShardEncoder:
 
     def _derive_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        src = _read_parquet(plan["source"])
+        src = storage.read_parquet(plan["source"])
         flat, off = decode_hidden(src, plan["dtype"], self.enc.hidden_size)
         inputs = [flat[off[i]:off[i + 1]] for i in range(src.num_rows)]
         order, states = self._run(inputs, self.part, pad_value=0.0)
@@ -880,7 +875,7 @@ def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classi
 def _done_ids(d: str, m: Manifest) -> set[str]:
     done = {s["id"] for s in m.skipped}
     for s in m.shards:
-        done.update(_read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist())
+        done.update(storage.read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist())
     return done
 
 

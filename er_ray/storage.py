@@ -21,6 +21,9 @@ or removes the rest.
     join(location, "a", "b.json")         # child location, query kept
     absolute(location)                    # local paths made absolute (before handing them to other processes)
     read_bytes / write_bytes / read_json / write_json / exists / size / listdir / delete / sha256
+    read_parquet / write_parquet          # a whole table, written atomically like write_bytes
+    upload(local_folder, location)        # a folder made on this machine (plots, a model) copied to a location
+    ray_storage(location)                 # (storage_path, storage_filesystem) for Ray Train's and Tune's RunConfig
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import uuid
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow `FileSystem.type_name`s without an atomic rename
@@ -157,3 +162,34 @@ def sha256(location: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_parquet(location: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(location)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def write_parquet(location: str | os.PathLike, table: pa.Table, **options) -> None:
+    """A table as one Parquet file (`options` go to `pq.write_table`), written atomically (`write_bytes`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    write_bytes(location, sink.getvalue())
+
+
+def upload(folder: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copy every file under a local folder to the same relative names under a location (local or remote),
+    replacing files of the same names. Each file appears whole on an object store; the set of files does not
+    appear at once: write a commit-point file after it (as a run's metrics.json)."""
+    fs, path = resolve(location)
+    pafs.copy_files(os.path.abspath(os.fspath(folder)), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def ray_storage(location: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's and Tune's `RunConfig` and `Tuner.can_restore/restore`:
+    a local path made absolute and no filesystem (Ray's default); for a URI, its path on the filesystem built
+    from it, so that the options in its query (an endpoint_override, ...) reach Ray too."""
+    if is_local(location):
+        return absolute(location), None
+    fs, path = resolve(location)
+    return path, fs

@@ -16,6 +16,7 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
 
+import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
@@ -86,6 +87,15 @@ def test_storage_api(s3, tmp_path, where):
     storage.delete(storage.join(root, "sub"))
     assert not storage.exists(f) and storage.listdir(root) == []
     storage.delete(f)  # nothing there: not an error
+    storage.write_parquet(storage.join(root, "t.parquet"), pa.table({"a": [1, 2]}))
+    assert storage.read_parquet(storage.join(root, "t.parquet")).to_pylist() == [{"a": 1}, {"a": 2}]
+    (tmp_path / "up" / "d").mkdir(parents=True)
+    (tmp_path / "up" / "d" / "f.txt").write_text("x")
+    storage.upload(tmp_path / "up", storage.join(root, "up"))
+    assert storage.read_bytes(storage.join(root, "up", "d", "f.txt")) == b"x"
+    assert storage.listdir(root) == ["t.parquet", "up"]
+    path, fs = storage.ray_storage(root)  # what Ray Train and Tune take
+    assert (path, fs) == ((root, None) if where == "local" else ("caches/api", storage.resolve(root)[0]))
 
 
 def test_cache_on_s3_equals_the_local_cache(ray_local, s3, corpus, local_cache):
