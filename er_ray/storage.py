@@ -181,6 +181,8 @@ def upload(folder: str | os.PathLike, location: str | os.PathLike) -> None:
     replacing files of the same names. Each file appears whole on an object store; the set of files does not
     appear at once: write a commit-point file after it (as a run's metrics.json)."""
     fs, path = resolve(location)
+    if fs.type_name not in _OBJECT_STORES:  # pyarrow creates the subfolders only
+        fs.create_dir(path, recursive=True)
     pafs.copy_files(os.path.abspath(os.fspath(folder)), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
 

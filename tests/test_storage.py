@@ -89,11 +89,13 @@ def test_storage_api(s3, tmp_path, where):
     storage.delete(f)  # nothing there: not an error
     storage.write_parquet(storage.join(root, "t.parquet"), pa.table({"a": [1, 2]}))
     assert storage.read_parquet(storage.join(root, "t.parquet")).to_pylist() == [{"a": 1}, {"a": 2}]
-    (tmp_path / "up" / "d").mkdir(parents=True)
-    (tmp_path / "up" / "d" / "f.txt").write_text("x")
-    storage.upload(tmp_path / "up", storage.join(root, "up"))
-    assert storage.read_bytes(storage.join(root, "up", "d", "f.txt")) == b"x"
-    assert storage.listdir(root) == ["t.parquet", "up"]
+    for rel in ("flat/f.txt", "nested/d/f.txt"):  # a folder of files only; one with a subfolder
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text(rel)
+        top = rel.split("/")[0]
+        storage.upload(tmp_path / top, storage.join(root, top))
+        assert storage.read_bytes(storage.join(root, rel)) == rel.encode()
+    assert storage.listdir(root) == ["flat", "nested", "t.parquet"]
     path, fs = storage.ray_storage(root)  # what Ray Train and Tune take
     assert (path, fs) == ((root, None) if where == "local" else ("caches/api", storage.resolve(root)[0]))
 
