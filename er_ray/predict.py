@@ -6,8 +6,6 @@ upper), with Ray Data. Both give the same labels on the same documents.
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import storage
 from .errors import ErRayError, OptionsError
 
 
@@ -26,11 +25,11 @@ class PredictError(ErRayError):
 @dataclass
 class PredictOptions:
     run: str
-    """a trained run's directory (holding model/task.json), as `er-ray train` prints it"""
+    """a trained run's directory (holding model/task.json), as `er-ray train` prints it: a path or a URI"""
     corpus: list[str]
     """documents to label: a built-in task name (all its documents) or corpus files / directories"""
     output: str
-    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word)"""
+    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word): a path or a URI"""
     cache: str | None = None
     """read layer-k states from this cache instead of running the lower layers on raw text"""
     id_column: str = "id"
@@ -50,25 +49,25 @@ class PredictOptions:
 
 
 def load_task_model(run: str | Path, source: str = "cache", merge: bool = True):
-    """A trained task model from its run directory: (TaskModel in eval mode, task.json, Encoder)."""
+    """A trained task model from its run directory (a path or a URI): (TaskModel in eval mode, task.json,
+    Encoder)."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from . import encoders
     from .model import ModelSpec, TaskModel
 
-    run = Path(run)
-    d = run / "model" if (run / "model" / "task.json").exists() else run
-    if not (d / "task.json").exists():
+    d = storage.join(run, "model") if storage.exists(storage.join(run, "model", "task.json")) else run
+    if not storage.exists(storage.join(d, "task.json")):
         raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
-    info = json.loads((d / "task.json").read_text())
+    info = storage.read_json(storage.join(d, "task.json"))
     enc = encoders.load_encoder(info["model"])
     if enc.weights_sha256 != info["weights_sha256"]:
         raise PredictError(f"{run} was trained on weights {info['weights_sha256'][:12]}..., "
                            f"but {info['model']} now has {enc.weights_sha256[:12]}...")
     spec = ModelSpec(**{**info["spec"], "source": source, "full_finetune": False})
     model = TaskModel(enc.model, spec)
-    state = load_file(d / "trainable.safetensors")
+    state = load(storage.read_bytes(storage.join(d, "trainable.safetensors")))
     named = dict(model.named_parameters())
     if unknown := set(state) - set(named):
         raise PredictError(f"{run}: weights {sorted(unknown)[:3]} do not fit this model")
@@ -151,20 +150,20 @@ class Predictor:
         return pa.table(out)
 
 
-def predict(opts: PredictOptions) -> Path:
-    """Label every document of a corpus with a trained task model; writes OUTPUT/*.parquet and returns OUTPUT."""
+def predict(opts: PredictOptions) -> Path | str:
+    """Label every document of a corpus with a trained task model; writes OUTPUT/predictions.parquet (replacing
+    what OUTPUT held) and returns OUTPUT: a Path for a local folder, the URI for a remote one."""
     import ray
     import ray.data
-    import pyarrow.parquet as pq
 
     from . import encoders
     from .cache import KEY_FIELDS, open_cache, resolve_corpus
     from .cluster import cluster_cpus, cluster_gpus, connect
 
-    run = Path(opts.run)
-    if not (run / "model" / "task.json").exists():
+    run = storage.absolute(opts.run)  # the predictor actors read the model from it
+    if not storage.exists(storage.join(run, "model", "task.json")):
         raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
-    info = json.loads((run / "model" / "task.json").read_text())
+    info = storage.read_json(storage.join(run, "model", "task.json"))
     connect()
     if opts.cache:
         k = info["spec"]["cut_layer"]
@@ -187,19 +186,16 @@ def predict(opts: PredictOptions) -> Path:
     gpus = cluster_gpus()
     workers = opts.workers or max(1, gpus)
     threads = None if gpus else max(1, int(cluster_cpus()) // workers)
-    out = ds.map_batches(Predictor, fn_constructor_kwargs={"run": str(run), "source": source,
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"run": run, "source": source,
                                                            "batch_size": opts.batch_size, "threads": threads,
                                                            "cache_dtype": cache_dtype},
                          batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=1 if gpus else 0, num_cpus=1)
-    dest = Path(opts.output)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
     table = pa.concat_tables(ray.get(out.to_arrow_refs()))
-    pq.write_table(table, dest / "predictions.parquet")
-    print(f"[er_ray predict] {table.num_rows:,} documents labelled from {source} -> {dest}", file=sys.stderr)
-    return dest
+    storage.delete(opts.output)
+    storage.write_parquet(storage.join(opts.output, "predictions.parquet"), table)
+    print(f"[er_ray predict] {table.num_rows:,} documents labelled from {source} -> {opts.output}", file=sys.stderr)
+    return Path(opts.output) if storage.is_local(opts.output) else opts.output
 
 
 def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .model import Adapter
 from .sweep import SweepOptions, default_cut_layers, sweep
 from .train import TrainOptions, run_all
@@ -77,7 +79,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
     from .cluster import cluster_gpus, connect
 
     connect(dashboard=True)  # the sweeps need it (Tune over Ray Train)
-    out = Path(opts.output).resolve()
+    out = storage.absolute(opts.output)
     runs: list[dict[str, Any]] = []
     caches: dict[str, dict[str, Any]] = {}
     for model in opts.model:
@@ -87,10 +89,10 @@ def study(opts: StudyOptions) -> dict[str, Any]:
         _log(f"{model}: sweep over k in {layers}, adapters {opts.adapter} x {opts.adapter_size}")
         sw = sweep(SweepOptions(task=opts.task, model=model, cut_layer=layers, adapter=opts.adapter,
                                 adapter_size=opts.adapter_size, learning_rate=opts.learning_rate,
-                                output=str(out / model / "sweep"), caches=str(out), epochs=opts.epochs,
+                                output=storage.join(out, model, "sweep"), caches=out, epochs=opts.epochs,
                                 batch_size=opts.batch_size, max_length=opts.max_length,
                                 max_train_examples=opts.max_train_examples, seed=opts.seed[0]))
-        caches[model] = _cache_cost(out / model / "cache.json", sw)
+        caches[model] = _cache_cost(storage.join(out, model, "cache.json"), sw)
         done = [r for r in sw["trials"] if r["status"] == "done"]
         chosen = {}
         for task in opts.task:
@@ -103,7 +105,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
                             "recycled best": max(mine, key=lambda r: r["dev"])}
         pairs, labels = [], []
         for seed in opts.seed:
-            base = dict(model=model, output=str(out / model), epochs=opts.epochs, patience=opts.epochs,
+            base = dict(model=model, output=storage.join(out, model), epochs=opts.epochs, patience=opts.epochs,
                         batch_size=opts.batch_size, max_length=opts.max_length,
                         max_train_examples=opts.max_train_examples, seed=seed)
             for task in opts.task:
@@ -120,7 +122,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
                     labels.append(variants)
         width = opts.max_concurrent_runs or max(1, cluster_gpus())
         _log(f"{model}: {len(pairs)} runs ({len(opts.seed)} seed(s)), {width} at a time")
-        metrics = run_all(pairs, out / model, max_concurrent=width, skip_done=True)
+        metrics = run_all(pairs, storage.join(out, model), max_concurrent=width, skip_done=True)
         corpus = {tasks.load_task(t).name: tasks.load_task(t).spec.corpus for t in opts.task}
         for m, variants in zip(metrics, labels):
             for v in variants:
@@ -133,13 +135,12 @@ RUN_COLUMNS = ["model", "task", "variant", "seed", "metric", "dev", "test", "cut
                "learning_rate", "seconds_per_epoch", "epochs_run", "trainable_parameters", "run"]
 
 
-def _cache_cost(path: Path, sw: dict[str, Any]) -> dict[str, Any]:
+def _cache_cost(path: str, sw: dict[str, Any]) -> dict[str, Any]:
     """The cache's build time, kept from the run that built it (a resumed study finds its caches built)."""
-    if path.exists():
-        return json.loads(path.read_text())
+    if storage.exists(path):
+        return storage.read_json(path)
     cost = {"seconds": sw["cache_seconds"], "corpora": sorted(sw["caches"])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cost))
+    storage.write_bytes(path, json.dumps(cost).encode())
     return cost
 
 
@@ -184,13 +185,12 @@ def _fmt(mean: float | None, sd: float | None) -> str:
 
 
 def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], opts: StudyOptions,
-                 out: Path) -> dict[str, Any]:
+                 out: str) -> dict[str, Any]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .report import format_table
 
-    pq.write_table(pa.Table.from_pylist(runs), out / "study.parquet")
+    storage.write_parquet(storage.join(out, "study.parquet"), pa.Table.from_pylist(runs))
     summary = summarise(runs, caches)
     table = []
     for s in summary:
@@ -202,7 +202,9 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
             row[f"{v}: speedup"] = f"{s[f'{v} speedup']:.2f}x" if s.get(f"{v} speedup") else ""
         row["cache cost (finetune epochs)"] = s["cache cost (finetune epochs)"]
         table.append(row)
-    plots = plot_study(summary, out / "plots")
+    with tempfile.TemporaryDirectory() as tmp:  # drawn here, then copied to OUTPUT/plots (local or remote)
+        plots = plot_study(summary, Path(tmp))
+        storage.upload(tmp, storage.join(out, "plots"))
     md = ["# er_ray study: full fine-tuning against embedding recycling", "",
           f"Models {', '.join(opts.model)}; tasks {', '.join(opts.task)}; seeds {opts.seed}; {opts.epochs} epoch(s), "
           f"batch {opts.batch_size}, max length {opts.max_length}"
@@ -215,9 +217,9 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
           + ", ".join(f"[{m}]({m}/sweep/sweep.md)" for m in opts.model) + ".", ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     md += ["", "Raw results, one row per run and variant: `study.parquet`."]
-    (out / "REPORT.md").write_text("\n".join(md) + "\n")
+    storage.write_bytes(storage.join(out, "REPORT.md"), ("\n".join(md) + "\n").encode())
     print(format_table(table))
-    _log(f"report -> {out / 'REPORT.md'}")
+    _log(f"report -> {storage.join(out, 'REPORT.md')}")
     return {"runs": runs, "summary": summary}
 
 

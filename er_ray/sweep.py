@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import storage
 from .errors import OptionsError
 from .model import ADAPTERS, Adapter
 from .train import DEFAULT_LR, TrainOptions
@@ -128,9 +129,9 @@ def _trial(config: dict[str, Any]) -> None:
     p, name = config["point"], config["name"]
     # Many trials at once: Ray Data's per-dataset progress bars would bury Tune's status table in the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    run = Path(config["train"]["output"]) / "runs" / name
+    run = storage.join(config["train"]["output"], "runs", name)
     if _finished(run, config):  # in an earlier, interrupted sweep: report it, do not train again
-        m = json.loads((run / "metrics.json").read_text())
+        m = storage.read_json(storage.join(run, "metrics.json"))
         tune.report({"dev_score": m["dev"], "final": True, "dev": m["dev"], "test": m["test"], "reused": True})
         return
     opts = TrainOptions(**dict(config["train"], task=[config["task"]], cut_layer=p["cut_layer"],
@@ -145,15 +146,15 @@ def _trial_key(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in ("task", "point", "train", "cache")}
 
 
-def _finished(run: Path, config: dict[str, Any]) -> bool:
+def _finished(run: str, config: dict[str, Any]) -> bool:
     """A run counts as this trial's only if it finished with the very same settings (epochs, examples, ...)."""
-    marker = run / "trial.json"
-    return (run / "metrics.json").exists() and marker.exists() and \
-        json.loads(marker.read_text()) == json.loads(json.dumps(_trial_key(config)))
+    marker = storage.join(run, "trial.json")
+    return storage.exists(storage.join(run, "metrics.json")) and storage.exists(marker) and \
+        storage.read_json(marker) == json.loads(json.dumps(_trial_key(config)))
 
 
-def _mark_finished(run: Path, config: dict[str, Any]) -> None:
-    (run / "trial.json").write_text(json.dumps(_trial_key(config), indent=1))
+def _mark_finished(run: str, config: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(run, "trial.json"), json.dumps(_trial_key(config), indent=1).encode())
 
 
 def per_task_asha(**kwargs):
@@ -225,7 +226,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     connect(dashboard=True)
     fp = encoders.fingerprint(opts.model, opts.max_length)
     points = grid(opts, fp["num_layers"])
-    out = Path(opts.output).resolve()
+    out = storage.absolute(opts.output)  # a location every trial's process can use
     train_base = dict(model=opts.model, output=str(out), epochs=opts.epochs, patience=opts.epochs,
                       batch_size=opts.batch_size, max_length=opts.max_length, workers=opts.workers,
                       seed=opts.seed, max_train_examples=opts.max_train_examples, dtype=opts.dtype, max_failures=1)
@@ -235,9 +236,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     caches, t0 = {}, time.perf_counter()
     for name in opts.task:
         task = tasks.load_task(name)
-        cache_opts = TrainOptions(**dict(train_base, task=[name], output=opts.caches or str(out)))
+        cache_opts = TrainOptions(**dict(train_base, task=[name], output=storage.absolute(opts.caches or out)))
         if task.spec.corpus not in caches:
-            caches[task.spec.corpus] = str(ensure_cache(cache_opts, task, fp, layers))
+            caches[task.spec.corpus] = ensure_cache(cache_opts, task, fp, layers)
     cache_seconds = time.perf_counter() - t0
     loaded = {t: tasks.load_task(t) for t in opts.task}  # a task given as a spec file is named by its spec
     trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, opts.seed),
@@ -256,21 +257,22 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     trainable = tune.with_resources(_trial, {"cpu": 0.05})
     # The Tune experiment is named by its grid: the same command restores it; changed options start a new one
     # (whose trials still reuse every run that finished with identical settings).
-    storage = out / "tune"
+    tune_path, tune_fs = storage.ray_storage(storage.join(out, "tune"))
     tune_name = "trials-" + hashlib.sha256(json.dumps([_trial_key(t) for t in trials], sort_keys=True)
                                            .encode()).hexdigest()[:10]
     param_space = {"trial": tune.grid_search(trials)}
     t0 = time.perf_counter()
-    if tune.Tuner.can_restore(str(storage / tune_name)):
-        _log("resuming the sweep found in " + str(storage / tune_name))
-        tuner = tune.Tuner.restore(str(storage / tune_name), trainable, param_space=param_space,
-                                   resume_errored=True)
+    experiment = f"{tune_path}/{tune_name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
+        _log("resuming the sweep found in " + storage.join(out, "tune", tune_name))
+        tuner = tune.Tuner.restore(experiment, trainable, param_space=param_space, resume_errored=True,
+                                   storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="dev_score", mode="max", scheduler=scheduler,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), verbose=1,
+            run_config=tune.RunConfig(name=tune_name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid_result = tuner.fit()
     sweep_seconds = time.perf_counter() - t0
@@ -285,25 +287,28 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return config["trial"] if "trial" in config else config
 
 
-def collect(grid_result, out: Path, model: str) -> list[dict[str, Any]]:
+def collect(grid_result, out: str, model: str) -> list[dict[str, Any]]:
     """One row per trial. A finished trial's metrics.json is the truth (dev and test of its best epoch); a trial
     ASHA stopped has only its reported epochs: its best dev, no test. A finished trial whose process was stopped
     before it copied its outputs gets them from its last checkpoint."""
+    import ray.train
+
+    from .train import publish_run
+
     rows = []
     for r in grid_result:
         cfg = _flatten(r.config)
         name, p = cfg["name"], cfg["point"]
-        run = out / "runs" / name
+        run = storage.join(out, "runs", name)
+        metrics = storage.join(run, "metrics.json")
         last = r.metrics or {}
-        ckpt = last.get("checkpoint_path")
-        if not (run / "metrics.json").exists() and last.get("final") and ckpt and Path(ckpt, "metrics.json").exists():
-            run.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(Path(ckpt) / "model", run / "model", dirs_exist_ok=True)
-            shutil.copy(Path(ckpt) / "metrics.json", run / "metrics.json")
+        ckpt = last.get("checkpoint_path")  # a path on the filesystem of the trial's runs, as Ray Train has it
+        if not storage.exists(metrics) and last.get("final") and ckpt and \
+                publish_run(ray.train.Checkpoint(ckpt, filesystem=storage.resolve(out)[0]), run) is not None:
             _mark_finished(run, cfg)
         row = {"trial": name, "task": cfg["task_name"], "model": model, "seed": cfg["train"]["seed"], **p}
-        if (run / "metrics.json").exists():
-            m = json.loads((run / "metrics.json").read_text())
+        if storage.exists(metrics):
+            m = storage.read_json(metrics)
             row.update(status="done", metric=m["metric"], dev=m["dev"], test=m["test"], epochs_run=m["epochs_run"],
                        train_seconds=m["train_seconds"], trainable_parameters=m["trainable_parameters"])
         else:
@@ -331,16 +336,17 @@ def best_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [best[t] for t in sorted(best)]
 
 
-def write_sweep(rows: list[dict[str, Any]], out: Path, cache_seconds: float, sweep_seconds: float) -> list[dict]:
+def write_sweep(rows: list[dict[str, Any]], out: str, cache_seconds: float, sweep_seconds: float) -> list[dict]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .report import format_table
 
     best = best_per_task(rows)
     table = [{c: r.get(c) for c in SWEEP_COLUMNS} for r in rows]
-    pq.write_table(pa.Table.from_pylist(table), out / "sweep.parquet")
-    plots = plot_sweep(rows, out / "plots")
+    storage.write_parquet(storage.join(out, "sweep.parquet"), pa.Table.from_pylist(table))
+    with tempfile.TemporaryDirectory() as tmp:  # drawn here, then copied to OUTPUT/plots (local or remote)
+        plots = plot_sweep(rows, Path(tmp))
+        storage.upload(tmp, storage.join(out, "plots"))
     cols = ["task", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate", "dev", "test",
             "train_seconds", "trainable_parameters"]
     md = [f"# Sweep: {len(rows)} trials", "",
@@ -349,10 +355,10 @@ def write_sweep(rows: list[dict[str, Any]], out: Path, cache_seconds: float, swe
           "## Best per task (chosen on dev, reported on test)", "", format_table(best, cols, markdown=True), "",
           "## Every trial", "", format_table(table, SWEEP_COLUMNS, markdown=True), "", "## Plots", ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    (out / "sweep.md").write_text("\n".join(md) + "\n")
+    storage.write_bytes(storage.join(out, "sweep.md"), ("\n".join(md) + "\n").encode())
     print(format_table(best, cols))
     _log(f"{len(rows)} trials: {sum(r['status'] == 'done' for r in rows)} finished, "
-         f"{sum(r['status'] == 'stopped' for r in rows)} stopped early -> {out / 'sweep.md'}")
+         f"{sum(r['status'] == 'stopped' for r in rows)} stopped early -> {storage.join(out, 'sweep.md')}")
     return best
 
 

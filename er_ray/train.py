@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from . import storage
 from .errors import ErRayError, OptionsError
 from .model import ADAPTERS, Adapter
 
@@ -484,19 +484,19 @@ def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: in
     return {"datasets": out, "rows": {s: len(v) for s, v in labels.items()}}
 
 
-def cache_root(output: str | Path, corpus: str, model: str, max_length: int) -> Path:
-    """Where a corpus's cache lives by default: one per (corpus, model, max length), shared by every task and
-    sweep trial over that corpus."""
-    return Path(output) / "caches" / f"{corpus}-{model}-{max_length}"
+def cache_root(output: str | Path, corpus: str, model: str, max_length: int) -> str:
+    """Where a corpus's cache lives by default (a location under OUTPUT): one per (corpus, model, max length),
+    shared by every task and sweep trial over that corpus."""
+    return storage.join(output, "caches", f"{corpus}-{model}-{max_length}")
 
 
-def ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], layers: list[int]) -> Path:
+def ensure_cache(opts: TrainOptions, task, fp: dict[str, Any], layers: list[int]) -> str:
     """Build the default cache of the task's corpus at these cut layers (one pass for all), or extend it with the
     documents or layers it lacks: nothing already encoded is encoded again."""
     from . import cache
 
     root = cache_root(opts.output, task.spec.corpus, fp["model"], opts.max_length)
-    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=str(root), model=opts.model,
+    cache.build_cache(cache.CacheOptions(corpus=[_corpus_file(task)], output=root, model=opts.model,
                                          cut_layer=sorted(set(layers)), dtype=opts.dtype,
                                          max_length=opts.max_length, text_column=task.input_column))
     return root
@@ -598,13 +598,13 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     if precision == "fp16" and not use_gpu:
         raise OptionsError("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
     config["precision"] = precision
-    storage = str(Path(opts.output, "ray").resolve())
+    storage_path, storage_fs = storage.ray_storage(storage.join(opts.output, "ray"))
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": per, **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=plan["name"], storage_path=storage,
+        run_config=ray.train.RunConfig(name=plan["name"], storage_path=storage_path, storage_filesystem=storage_fs,
                                        failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                                        callbacks=list(callbacks)),
@@ -613,27 +613,37 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     result = trainer.fit()
     if result.error:
         raise TrainError(f"{plan['name']} failed: {result.error}")
-    out = Path(opts.output) / "runs" / plan["name"]
-    with result.checkpoint.as_directory() as d:
-        if not (Path(d) / "metrics.json").exists():
-            raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        shutil.copytree(Path(d) / "model", out / "model")
-        metrics = json.loads((Path(d) / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    out = storage.join(opts.output, "runs", plan["name"])
+    metrics = publish_run(result.checkpoint, out)
+    if metrics is None:
+        raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
     _log(f"{plan['name']}: dev {metrics['metric']} {metrics['dev']:.4f}, test {metrics['test']}, "
          f"{metrics['seconds_per_epoch']:.1f} s/epoch -> {out}")
     return metrics
 
 
+def publish_run(checkpoint, out: str) -> dict[str, Any] | None:
+    """A finished run's model/ and metrics.json, from its last checkpoint (a `ray.train.Checkpoint`), to the
+    location `out` (local or remote), replacing what was there; returns the metrics, or None if the checkpoint
+    is not a finished run's. metrics.json is the commit point readers check: it goes first and comes back last,
+    so a reader never takes a half-written model/ for a run (no rename needed, as on object stores)."""
+    with checkpoint.as_directory() as d:
+        if not os.path.exists(os.path.join(d, "metrics.json")):
+            return None
+        storage.delete(storage.join(out, "metrics.json"))
+        storage.delete(out)
+        storage.upload(os.path.join(d, "model"), storage.join(out, "model"))
+        metrics = json.loads(Path(d, "metrics.json").read_text())
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    return metrics
+
+
 def train(opts: TrainOptions) -> list[dict[str, Any]]:
     """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table."""
-    return run_all([(opts, t) for t in opts.task], Path(opts.output))
+    return run_all([(opts, t) for t in opts.task], opts.output)
 
 
-def run_all(runs: list[tuple[TrainOptions, str]], output: Path, max_concurrent: int | None = None,
+def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concurrent: int | None = None,
             skip_done: bool = False) -> list[dict[str, Any]]:
     """Fit several (options, task) runs concurrently (at most `max_concurrent` at once; default all), sharing the
     cluster; one failed run does not lose the others. With `skip_done`, a run whose metrics.json exists is read,
@@ -645,9 +655,9 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: Path, max_concurrent: 
     results: dict[int, Any] = {}
     todo = []
     for i, (opts, task) in enumerate(runs):
-        done = Path(opts.output) / "runs" / _default_name(opts, load_task(task).name) / "metrics.json"
-        if skip_done and done.exists():
-            results[i] = json.loads(done.read_text())
+        done = storage.join(opts.output, "runs", _default_name(opts, load_task(task).name), "metrics.json")
+        if skip_done and storage.exists(done):
+            results[i] = storage.read_json(done)
         else:
             todo.append(i)
     plans = {i: plan_run(runs[i][0], runs[i][1]) for i in todo}
@@ -681,20 +691,19 @@ RESULT_COLUMNS = ["run", "task", "model", "metric", "dev", "test", "cut_layer", 
                   "trainable_parameters", "learning_rate", "seed", "data_stall"]
 
 
-def write_results(rows: list[dict[str, Any]], output: Path) -> None:
-    import pyarrow.parquet as pq
-
+def write_results(rows: list[dict[str, Any]], output: str | Path) -> None:
     from .report import format_table
 
     if not rows:
         return
-    output.mkdir(parents=True, exist_ok=True)
     table = [{c: r.get(c) for c in RESULT_COLUMNS} for r in rows]
-    if (output / "results.parquet").exists():  # earlier runs into the same OUTPUT stay in the table
+    results = storage.join(output, "results.parquet")
+    if storage.exists(results):  # earlier runs into the same OUTPUT stay in the table
         names = {r["run"] for r in table}
-        old = [r for r in pq.read_table(output / "results.parquet").to_pylist() if r.get("run") not in names]
+        old = [r for r in storage.read_parquet(results).to_pylist() if r.get("run") not in names]
         table = old + table
-    pq.write_table(pa.Table.from_pylist(table), output / "results.parquet")
-    (output / "results.md").write_text(format_table(table, RESULT_COLUMNS, markdown=True) + "\n")
+    storage.write_parquet(results, pa.Table.from_pylist(table))
+    storage.write_bytes(storage.join(output, "results.md"),
+                        (format_table(table, RESULT_COLUMNS, markdown=True) + "\n").encode())
     print(format_table(rows, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
                               "seconds_per_epoch", "trainable_parameters"]))

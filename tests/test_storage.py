@@ -1,4 +1,5 @@
-"""Caches on an object store: a real S3 API (moto's server on 127.0.0.1), the real MiniLM, real Ray Data."""
+"""Caches, runs, predictions and sweeps on an object store: a real S3 API (moto's server on 127.0.0.1), the
+real MiniLM, real Ray Data, Train and Tune."""
 
 import hashlib
 import logging
@@ -146,3 +147,67 @@ def test_killed_build_on_s3_resumes_to_the_same_cache(ray_local, s3, corpus, loc
     assert f"{done * SHARD_ROWS:,} cached" in capfd.readouterr().err  # only what was missing was encoded
     assert _key(m) == _key(local_cache)
     assert _layer_listing(root) == sorted([s["file"] for s in m.shards] + ["manifest.json"])  # orphan gone
+
+
+@pytest.fixture(scope="module")
+def trec_small(tmp_path_factory):
+    """A task spec over a slice of trec (64 train, 48 dev, 48 test documents): a cache of seconds, not minutes."""
+    d = tmp_path_factory.mktemp("trec_small")
+    trec = tasks.load_task("trec")
+    train = trec.splits["train"].slice(0, 64).to_pylist()
+    seen = {r["label"] for r in train}  # dev and test labels must occur in train
+    rows = [r | {"split": "train"} for r in train]
+    for split in ("dev", "test"):
+        rows += [r | {"split": split} for r in trec.splits[split].to_pylist() if r["label"] in seen][:48]
+    pq.write_table(pa.Table.from_pylist(rows), d / "trec_small.parquet")
+    (d / "trec_small.yaml").write_text("name: trec_small\nfiles: trec_small.parquet\ncorpus: trec_small\n")
+    return d / "trec_small.yaml"
+
+
+def test_train_predict_and_sweep_write_to_s3(ray_local, s3, trec_small):
+    """`--output s3://...` for train (its cache on S3 too), predict and sweep, through the command line's own
+    parsing (in this process, on the session's Ray): every output lands on the object store and reads back."""
+    from er_ray.cli import main
+    from er_ray.predict import load_task_model
+
+    tiny = ["--task", str(trec_small), "--cut-layer", "3", "--adapter-size", "4", "--epochs", "1",
+            "--max-train-examples", "64", "--max-length", "32"]
+    out = storage.join(s3, "train")
+    assert main(["train", *tiny, "--output", out]) == 0
+    run = storage.join(out, "runs", "trec_small-k3-lora4-s0")
+    m = storage.read_json(storage.join(run, "metrics.json"))
+    assert m["task"] == "trec_small" and m["recycled"] and m["epochs_run"] == 1 and 0 <= m["test"] <= 1
+    assert storage.listdir(run) == ["metrics.json", "model"]
+    assert storage.listdir(storage.join(run, "model")) == ["peft_adapter", "task.json", "trainable.safetensors"]
+    assert "adapter_config.json" in storage.listdir(storage.join(run, "model", "peft_adapter"))
+    results = storage.read_parquet(storage.join(out, "results.parquet")).to_pylist()
+    assert [(r["run"], r["test"]) for r in results] == [("trec_small-k3-lora4-s0", m["test"])]
+    assert "trec_small-k3-lora4-s0" in storage.read_bytes(storage.join(out, "results.md")).decode()
+    cache_root = storage.join(out, "caches", "trec_small-minilm-32")
+    assert cache.verify(cache_root) == []  # the default cache, built on S3
+    model, info, _ = load_task_model(run)  # the model loads straight from the object store
+    assert info["spec"]["cut_layer"] == 3 and model.num_trainable() == m["trainable_parameters"]
+
+    preds = storage.join(s3, "predictions")
+    docs = str(trec_small.with_suffix(".parquet"))
+    assert main(["predict", "--run", run, "--cache", cache_root, "--corpus", docs, "--output", preds]) == 0
+    t = storage.read_parquet(storage.join(preds, "predictions.parquet"))
+    assert sorted(t.column("id").to_pylist()) == sorted(pq.read_table(docs).column("id").to_pylist())
+    assert set(t.column("label").to_pylist()) <= set(info["labels"])
+
+    # A one-trial sweep over the train run's cache (--caches): nothing is encoded again, nothing cached under it.
+    sweep_out = storage.join(s3, "sweep")
+    assert main(["sweep", *tiny, "--scheduler", "fifo", "--caches", out, "--output", sweep_out]) == 0
+    trial = "trec_small-k3-lora4-lr0.001-s0"
+    rows = storage.read_parquet(storage.join(sweep_out, "sweep.parquet")).to_pylist()
+    assert [(r["trial"], r["status"]) for r in rows] == [(trial, "done")]
+    trial_m = storage.read_json(storage.join(sweep_out, "runs", trial, "metrics.json"))
+    assert rows[0]["dev"] == trial_m["dev"] and rows[0]["test"] == trial_m["test"]
+    assert storage.listdir(storage.join(sweep_out, "runs", trial)) == ["metrics.json", "model", "trial.json"]
+    assert trial in storage.read_bytes(storage.join(sweep_out, "sweep.md")).decode()
+    assert "caches" not in storage.listdir(sweep_out)
+    plots = storage.join(sweep_out, "plots")
+    assert storage.listdir(plots) == ["trec_small-dev-vs-k.png", "trec_small-pareto.png"]
+    for name in storage.listdir(plots):
+        png = storage.read_bytes(storage.join(plots, name))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
