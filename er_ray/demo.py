@@ -9,7 +9,6 @@ then print the table (accuracy, time, speed-up, the cache's cost) and write its 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ class DemoOptions:
     """LoRA rank or bottleneck width"""
     epochs: int = 2
     """epochs of every run"""
-    max_train_examples: int | None = 2000
+    max_train_examples: int | None = 1000
     """train on at most this many examples per task (dev and test stay whole; none: all)"""
     max_length: int = 64
     """tokens per document at most (longer reviews are truncated, and counted in the cache's manifest)"""
@@ -60,7 +59,6 @@ class DemoOptions:
 
 def _step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
-    print(f"[er_ray demo] {msg}", file=sys.stderr, flush=True)
 
 
 def run(opts: DemoOptions) -> dict[str, Any]:

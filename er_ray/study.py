@@ -61,6 +61,8 @@ class StudyOptions:
     """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
     output: str = "study"
     """folder for REPORT.md, study.parquet, plots, and every sweep and run; re-running resumes"""
+    caches: str | None = None
+    """where the caches live (default: OUTPUT); share them with sweeps and train runs over the same corpus"""
 
 
 def _log(msg: str) -> None:
@@ -89,7 +91,8 @@ def study(opts: StudyOptions) -> dict[str, Any]:
         _log(f"{model}: sweep over k in {layers}, adapters {opts.adapter} x {opts.adapter_size}")
         sw = sweep(SweepOptions(task=opts.task, model=model, cut_layer=layers, adapter=opts.adapter,
                                 adapter_size=opts.adapter_size, learning_rate=opts.learning_rate,
-                                output=storage.join(out, model, "sweep"), caches=out, epochs=opts.epochs,
+                                output=storage.join(out, model, "sweep"), caches=opts.caches or out,
+                                epochs=opts.epochs,
                                 batch_size=opts.batch_size, max_length=opts.max_length,
                                 max_train_examples=opts.max_train_examples, seed=opts.seed[0]))
         caches[model] = _cache_cost(storage.join(out, model, "cache.json"), sw)

@@ -253,6 +253,7 @@ def train_loop(config: dict) -> None:
     tok = enc.tokenizer if spec.source == "text" else None
 
     start_epoch, best, best_state, stale, history, stopped = 0, -1.0, None, 0, [], False
+    best_dev: dict = {}  # the best epoch's dev scores: the final report reuses them instead of evaluating again
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a failure: DeepSpeed state (trainable weights, optimizer, scheduler) + our bookkeeping
         with ckpt.as_directory() as d:
@@ -260,6 +261,7 @@ def train_loop(config: dict) -> None:
             state = json.loads((Path(d) / "loop.json").read_text())
             start_epoch, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
             stopped = state.get("stopped", False)  # a finished run is not trained again
+            best_dev = state.get("best_dev", {})
             if rank == 0:
                 print(f"[er_ray train] {config['task']}: resuming after epoch {start_epoch}", flush=True)
             best_state = torch.load(Path(d) / "best.pt", weights_only=True) if (Path(d) / "best.pt").exists() \
@@ -328,7 +330,7 @@ def train_loop(config: dict) -> None:
         dev = evaluate("dev")
         improved = dev[metric] > best
         if improved:
-            best, stale = dev[metric], 0
+            best, best_dev, stale = dev[metric], dev, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
         else:
             stale += 1
@@ -346,12 +348,13 @@ def train_loop(config: dict) -> None:
             # every rank saves (ZeRO partitions optimizer state); frozen weights are left out
             engine.save_checkpoint(d, tag="latest_ds", exclude_frozen_parameters=True)
             if rank == 0:
-                (Path(d) / "loop.json").write_text(json.dumps({"epoch": epoch, "best": best, "stale": stale,
-                                                               "history": history, "stopped": stop}))
+                (Path(d) / "loop.json").write_text(json.dumps({"epoch": epoch, "best": best, "best_dev": best_dev,
+                                                               "stale": stale, "history": history,
+                                                               "stopped": stop}))
                 if best_state is not None:
                     torch.save(best_state, Path(d) / "best.pt")
             if stop:
-                final = _finish(model, best_state, evaluate, history, config, spec, enc, Path(d), rank,
+                final = _finish(model, best_state, best_dev, evaluate, history, config, spec, enc, Path(d), rank,
                                 {"world_size": world, "global_steps": engine.global_steps,
                                  "zero_stage": engine.zero_optimization_stage(),
                                  "optimizer": type(engine.optimizer).__name__,
@@ -386,7 +389,8 @@ class _LiveMetrics:
         self.epochs.set(epoch, tags=self.tags)
 
 
-def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, rank: int, ds: dict) -> dict:
+def _finish(model, best_state, best_dev, evaluate, history, config, spec, enc, d: Path, rank: int,
+            ds: dict) -> dict:
     """Best weights back in, dev and test scores, and the exported model (rank 0) inside the last checkpoint."""
     import torch
 
@@ -395,7 +399,8 @@ def _finish(model, best_state, evaluate, history, config, spec, enc, d: Path, ra
             named = dict(model.named_parameters())
             for k, v in best_state.items():
                 named[k].copy_(v)
-    dev, test = evaluate("dev"), evaluate("test") if config["has_test"] else {}
+    # dev: the best epoch's own scores (the same weights, evaluated then); test: once, now
+    dev, test = best_dev or evaluate("dev"), evaluate("test") if config["has_test"] else {}
     metric = config["metric"]
     train_s = sum(h["train_seconds"] for h in history)
     metrics = {"run": config["run"], "task": config["task"], "model": config["model"], "metric": metric,
@@ -454,7 +459,19 @@ def _attach_labels(batch: pa.Table, labels: dict[str, Any], token: bool) -> pa.T
 
 
 def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
-    """Ray Datasets per split: cache rows (or texts) of the split's documents with their labels, materialized."""
+    """Ray Datasets per split: cache rows (or texts) of the split's documents with their labels, materialized.
+    (Quietly: these few small reads would print Ray Data's progress lines every few seconds, per task.)"""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return _split_datasets(task, cache_obj, source, max_train, seed)
+    finally:
+        ctx.enable_progress_bars = shown
+
+
+def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
     import ray.data
 
     labels = _label_index(task)

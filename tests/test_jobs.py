@@ -324,3 +324,51 @@ def test_predict_job_labels_documents_from_the_cache(head, out, trained, cache_d
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in docs)
     labels = set(json.loads((run / "model" / "task.json").read_text())["labels"])
     assert set(table.column("label").to_pylist()) <= labels
+
+
+SMALL = ["--cut-layer", "3", "--adapter-size", "4", "--epochs", "1", "--max-train-examples", "32", "--max-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def swept(head, out):
+    d = out / "sweep"
+    submit(head, "sweep.py", ["--task", "trec", *SMALL, "--scheduler", "fifo", "--output", str(d)])
+    return d
+
+
+def test_sweep_job_writes_the_table_and_plots(swept):
+    rows = pq.read_table(swept / "sweep.parquet").to_pylist()
+    assert [(r["trial"], r["status"]) for r in rows] == [("trec-k3-lora4-lr0.001-s0", "done")]
+    m = json.loads((swept / "runs" / rows[0]["trial"] / "metrics.json").read_text())
+    assert (rows[0]["dev"], rows[0]["test"]) == (m["dev"], m["test"])
+    for png in ("trec-dev-vs-k.png", "trec-pareto.png"):
+        assert (swept / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (swept / "caches" / "trec-minilm-32" / "layer=3" / "manifest.json").exists()
+
+
+def test_study_job_writes_a_report_from_its_runs_and_resumes(head, out, swept):
+    """The paper's study, cut to one model, task, seed and k; its cache is the sweep job's (--caches)."""
+    d = out / "study"
+    args = ["--model", "minilm", "--task", "trec", "--seed", "0", *SMALL, "--caches", str(swept), "--output", str(d)]
+    submit(head, "study.py", args)
+    runs = pq.read_table(d / "study.parquet").to_pylist()
+    # fine-tuning + one recycled run that is both the best at L/2 and the sweep's best (trained once)
+    assert sorted(r["variant"] for r in runs) == ["finetune", "recycled best", "recycled k=L/2"]
+    run_dirs = sorted(p.parent for p in (d / "minilm" / "runs").glob("*/metrics.json"))
+    assert [p.name for p in run_dirs] == ["trec-finetune-s0", "trec-k3-lora4-s0"]
+    report = (d / "REPORT.md").read_text()
+    assert "The paper's headline" in report and "(minilm/sweep/sweep.md)" in report
+    for r in runs:  # every number in the report is a run's own
+        m = json.loads((d / "minilm" / "runs" / r["run"] / "metrics.json").read_text())
+        assert r["test"] == m["test"] and r["seconds_per_epoch"] == m["seconds_per_epoch"]
+        assert f"{m['test']:.4f}" in report
+    ft = next(r for r in runs if r["variant"] == "finetune")
+    rec = next(r for r in runs if r["variant"] == "recycled k=L/2")
+    assert ft["cut_layer"] == 0 and rec["cut_layer"] == 3 and rec["adapter"] == "lora"
+    assert f"{ft['seconds_per_epoch'] / rec['seconds_per_epoch']:.2f}x" in report
+    assert (d / "plots" / "minilm-study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (d / "caches").exists()  # nothing encoded again: the sweep's cache served
+    # submitted again: every finished run is read, nothing is trained again
+    before = {p: p.stat().st_mtime_ns for p in (d / "minilm").rglob("metrics.json")}
+    submit(head, "study.py", args)
+    assert {p: p.stat().st_mtime_ns for p in (d / "minilm").rglob("metrics.json")} == before

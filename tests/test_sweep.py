@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 from er_ray.sweep import SweepOptions, pareto_front, sweep
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
-ARGS = ["--task", "trec", "--cut-layer", "2,4", "--adapter-size", "4", "--learning-rate", "2e-3,5e-4", "--epochs",
+ARGS = ["--task", "trec", "--cut-layer", "2,4", "--adapter-size", "4", "--learning-rate", "2e-3", "--epochs",
         "2", "--max-train-examples", "200", "--max-length", "48", "--batch-size", "16",
         "--max-concurrent-trials", "1", "--scheduler", "fifo"]
-TRIALS = [f"trec-k{k}-lora4-lr{lr}-s0" for k in (2, 4) for lr in ("0.002", "0.0005")]
+TRIALS = [f"trec-k{k}-lora4-lr0.002-s0" for k in (2, 4)]
 
 
 def _wait_for_first_trial(proc, runs: Path, timeout: float = 600) -> Path:
@@ -61,7 +61,7 @@ def test_sweep_killed_and_resumed_builds_caches_once_and_reports(ray_local, tmp_
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert sorted(r["trial"] for r in rows) == sorted(TRIALS)
     assert all(r["status"] == "done" and 0 <= r["dev"] <= 1 and r["test"] is not None for r in rows), rows
-    assert {(r["cut_layer"], r["learning_rate"]) for r in rows} == {(k, lr) for k in (2, 4) for lr in (2e-3, 5e-4)}
+    assert {(r["cut_layer"], r["learning_rate"]) for r in rows} == {(2, 2e-3), (4, 2e-3)}
     for r in rows:  # the table's numbers are the runs' own
         m = json.loads((out / "runs" / r["trial"] / "metrics.json").read_text())
         assert (r["dev"], r["test"], r["trainable_parameters"], r["epochs_run"]) == \
