@@ -7,8 +7,12 @@ import os
 import ray
 
 
-def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local Ray once."""
+def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local Ray once.
+
+    A local Ray starts with its dashboard (on 127.0.0.1) by default: it is where a user watches jobs and metrics,
+    and Ray Train V2 relies on its State API (without it Train's placement-group cleaner logs "State API may be
+    temporarily unavailable" every few seconds, and Tune over Train hangs once a trial is stopped)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
