@@ -118,12 +118,11 @@ def trial_name(task: str, p: dict[str, Any], seed: int) -> str:
 
 
 def _trial(config: dict[str, Any]) -> None:
+    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import fit_run, plan_run
-
-    import ray.data
 
     config = _flatten(config)
     p, name = config["point"], config["name"]
