@@ -16,11 +16,11 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # AWS_* (credentials, region, endpoint) go along so workers reach the same object store as the driver
-    # (er_ray.storage); they are then part of the job's runtime_env, which the cluster's dashboard shows.
+    # Credentials are not forwarded: a local Ray's workers inherit this process's environment (AWS_* included), and
+    # a cluster's nodes have their own (an instance profile, cluster.yaml); forwarding keys in the runtime_env
+    # would show them in the dashboard's job info.
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
-                        **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {}),
-                        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}}
+                        **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {})}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
