@@ -137,14 +137,11 @@ def _table(recycled: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dic
 
 def plot_demo(rows: list[dict[str, Any]], path: Path) -> Path:
     """Test score and seconds per epoch of every model, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import figure, save_figure
 
     labels = [f"{r['task']}\n{r['model']}" for r in rows]
     colors = ["C3" if r["model"] == "full fine-tuning" else "C0" for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = figure(1, 2, size=(11, 4))
     a.barh(labels, [r["test"] or 0 for r in rows], color=colors)
     a.set(xlabel="test score", xlim=(0, 1), title="accuracy")
     b.barh(labels, [r["s/epoch"] for r in rows], color=colors)
@@ -152,8 +149,5 @@ def plot_demo(rows: list[dict[str, Any]], path: Path) -> Path:
     b.set_yticks([])
     for ax in (a, b):
         ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -27,3 +28,23 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def figure(*subplots: int, size: tuple[float, float] = (6, 4)):
+    """A matplotlib figure for a PNG file (Agg backend: no display needed, safe on headless nodes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*subplots, figsize=size)
+
+
+def save_figure(fig, path) -> Path:
+    """Write the figure as a PNG at 100 dpi and free it (figures left open pile up in long sweeps)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

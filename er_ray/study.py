@@ -228,16 +228,13 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
 
 def plot_study(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Per model: test score of each variant per task (bars, seed spread as error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import figure, save_figure
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for model in dict.fromkeys(s["model"] for s in summary):
         mine = [s for s in summary if s["model"] == model]
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(mine)), 4))
+        fig, ax = figure(size=(max(5, 1.6 * len(mine)), 4))
         width = 0.8 / len(VARIANTS)
         for j, v in enumerate(VARIANTS):
             xs = [i + (j - 1) * width for i in range(len(mine))]
@@ -246,8 +243,5 @@ def plot_study(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.set_xticks(range(len(mine)), [s["task"] for s in mine], rotation=20)
         ax.set(ylabel="test score", title=f"{model}: fine-tuning against recycled", ylim=(0, 1))
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(folder / f"{model}-study.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(save_figure(fig, folder / f"{model}-study.png"))
     return written

@@ -375,10 +375,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def plot_sweep(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Per task: dev metric against k, one line per adapter and size (the best over learning rates); dev metric
     against training cost with the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from .report import figure, save_figure
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -387,24 +384,22 @@ def plot_sweep(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         if not mine:
             continue
         metric = mine[0]["metric"] or "dev"
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = figure()
         for key in sorted({(r["adapter"], r["adapter_size"] or 0) for r in mine}):
-            pts = sorted((r["cut_layer"], max(x["dev"] for x in mine if x["cut_layer"] == r["cut_layer"]
-                                              and (x["adapter"], x["adapter_size"] or 0) == key)) for r in mine
-                         if (r["adapter"], r["adapter_size"] or 0) == key)
-            pts = sorted(set(pts))
+            best_at: dict[int, float] = {}  # cut layer -> best dev over learning rates
+            for r in mine:
+                if (r["adapter"], r["adapter_size"] or 0) == key:
+                    best_at[r["cut_layer"]] = max(r["dev"], best_at.get(r["cut_layer"], r["dev"]))
+            ks = sorted(best_at)
             label = key[0] if key[0] == "full" else f"{key[0]} {key[1]}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot(ks, [best_at[k] for k in ks], marker="o", label=label)
         ax.set(xlabel="cut layer k", ylabel=f"dev {metric}", title=f"{task}: dev {metric} against the cut layer")
         ax.legend()
-        fig.tight_layout()
-        written.append(folder / f"{task}-dev-vs-k.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(save_figure(fig, folder / f"{task}-dev-vs-k.png"))
 
         costed = [r for r in mine if r["train_seconds"]]
         if costed:
-            fig, ax = plt.subplots(figsize=(6, 4))
+            fig, ax = figure()
             xy = [(r["train_seconds"], r["dev"]) for r in costed]
             ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=["C0" if r["status"] == "done" else "C7"
                                                                   for r in costed])
@@ -415,9 +410,6 @@ def plot_sweep(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", label="Pareto front")
             ax.set(xlabel="training seconds", ylabel=f"dev {metric}", title=f"{task}: dev {metric} against cost")
             ax.legend()
-            fig.tight_layout()
-            written.append(folder / f"{task}-pareto.png")
-            fig.savefig(written[-1], dpi=100)
-            plt.close(fig)
+            written.append(save_figure(fig, folder / f"{task}-pareto.png"))
     return written
 
