@@ -220,11 +220,11 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     from .cluster import connect
     from .train import ensure_cache
 
+    fp = encoders.fingerprint(opts.model, opts.max_length)
+    points = grid(opts, fp["num_layers"])  # a bad option fails here, before Ray starts
     # Tune over Ray Train needs the dashboard (State API): without it a trial stopped by ASHA keeps its workers'
     # placement group and the next trial waits for resources forever.
     connect(dashboard=True)
-    fp = encoders.fingerprint(opts.model, opts.max_length)
-    points = grid(opts, fp["num_layers"])
     out = storage.absolute(opts.output)  # a location every trial's process can use
     train_base = dict(model=opts.model, output=str(out), epochs=opts.epochs, patience=opts.epochs,
                       batch_size=opts.batch_size, max_length=opts.max_length, workers=opts.workers,

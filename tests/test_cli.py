@@ -74,6 +74,8 @@ def test_bad_options_are_errors_not_tracebacks():
     assert "Traceback" not in out.stderr
     out = run("demo", "--batch-size", "0")
     assert out.returncode == 2 and "--batch-size must be at least 1" in out.stderr
+    out = run("sweep", "--task", "trec", "--cut-layer", "9")  # refused before Ray starts
+    assert out.returncode == 1 and "--cut-layer [9] out of range: the model has layers 0..5" in out.stderr
     out = run("fetch", "--names", "nonesuch")
     assert out.returncode == 1 and "unknown asset 'nonesuch'" in out.stderr
 
