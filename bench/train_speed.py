@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import cache, encoders, tasks  # noqa: E402
+from er_ray.batching import length_batches, pad_rows  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from er_ray.predict import load_task_model  # noqa: E402
 from er_ray.train import TrainOptions, train  # noqa: E402
@@ -38,8 +39,6 @@ ARMS = {  # name -> TrainOptions overrides
 
 def inference_seconds(run: Path, source: str, task, cache_dir: str | None, batch_size: int, max_length: int):
     """Test split through the model, same batch size: from raw text (lower + upper) or from the cache."""
-    from er_ray.cache import decode_hidden
-
     model, info, enc = load_task_model(run, source)
     ids = task.splits["test"].column("id").to_pylist()
     if source == "cache":
@@ -52,18 +51,12 @@ def inference_seconds(run: Path, source: str, task, cache_dir: str | None, batch
     t0 = time.perf_counter()
     with torch.inference_mode():
         if source == "cache":
-            flat, off = decode_hidden(t, c.manifest.dtype, enc.hidden_size)
-            rows = [flat[off[i]:off[i + 1]] for i in range(len(ids))]
+            rows = cache.decode_rows(t, c.manifest.dtype, enc.hidden_size)
         else:
             rows = [np.asarray(x) for x in enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        for s in range(0, len(order), batch_size):
-            g = order[s:s + batch_size]
-            T = len(rows[g[-1]])
-            x = np.zeros((len(g), T) + rows[g[0]].shape[1:], rows[g[0]].dtype)
-            m = np.zeros((len(g), T), np.int64)
-            for j, i in enumerate(g):
-                x[j, :len(rows[i])], m[j, :len(rows[i])] = rows[i], 1
+        pad = 0.0 if source == "cache" else (enc.tokenizer.pad_token_id or 0)
+        for g in length_batches([len(r) for r in rows], batch_size):
+            x, m = pad_rows([rows[i] for i in g], pad)
             model(torch.from_numpy(x), torch.from_numpy(m))
     return time.perf_counter() - t0
 

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .batching import length_batches, pad_rows
 from .errors import ErRayError, OptionsError
 
 FORMAT = "er_ray.cache"
@@ -130,6 +131,12 @@ def decode_hidden(table: pa.Table, dtype: str, hidden: int) -> tuple[np.ndarray,
     else:
         flat = raw.astype(np.float32)
     return flat, offsets - start
+
+
+def decode_rows(table: pa.Table, dtype: str, hidden: int) -> list[np.ndarray]:
+    """The `hidden` column -> one float32 [length, H] array per row (views into one decoded buffer)."""
+    flat, off = decode_hidden(table, dtype, hidden)
+    return [flat[off[i]:off[i + 1]] for i in range(table.num_rows)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,8 +310,7 @@ class Cache:
     def activations(self) -> dict[str, np.ndarray]:
         """id -> float32 [length, H] (small caches and tests)."""
         t = self.read()
-        flat, off = decode_hidden(t, self.manifest.dtype, self.manifest.hidden_size)
-        return {i: flat[off[j]:off[j + 1]] for j, i in enumerate(t.column("id").to_pylist())}
+        return dict(zip(t.column("id").to_pylist(), decode_rows(t, self.manifest.dtype, self.manifest.hidden_size)))
 
 
 def open_cache(root: str | Path, cut_layer: int, expect: dict[str, Any] | None = None) -> Cache:
@@ -663,17 +669,11 @@ class ShardEncoder:
         so a resumed build writes bit-identical shards."""
         import torch
 
-        order = sorted(range(len(inputs)), key=lambda i: (len(inputs[i]), i))
+        groups = length_batches([len(x) for x in inputs], self.batch_size)
         parts: dict[int, list[dict[str, np.ndarray]]] = {k: [] for k in self.cut_layers}
         with torch.inference_mode():
-            for s in range(0, len(order), self.batch_size):
-                rows = order[s:s + self.batch_size]
-                T = len(inputs[rows[-1]])  # sorted: the last row is the longest
-                x = np.full((len(rows), T, *inputs[rows[0]].shape[1:]), pad_value, dtype=inputs[rows[0]].dtype)
-                mask = np.zeros((len(rows), T), dtype=np.int64)
-                for j, i in enumerate(rows):
-                    x[j, :len(inputs[i])] = inputs[i]
-                    mask[j, :len(inputs[i])] = 1
+            for rows in groups:
+                x, mask = pad_rows([inputs[i] for i in rows], pad_value)
                 mask_t = torch.from_numpy(mask).to(self.device)
                 out = fn(torch.from_numpy(x).to(self.device), mask_t)
                 out = out if isinstance(out, dict) else {self.cut_layers[0]: out}
@@ -682,13 +682,12 @@ class ShardEncoder:
                     parts[k].append(quantize(h[real], self.dtype))  # real tokens only, row after row
         merged = {k: {name: np.concatenate([p[name] for p in ps]) for name in ps[0]} if ps else {}
                   for k, ps in parts.items()}
-        return order, merged
+        return [i for rows in groups for i in rows], merged
 
     def _derive_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         src = storage.read_parquet(plan["source"])
-        flat, off = decode_hidden(src, plan["dtype"], self.enc.hidden_size)
-        inputs = [flat[off[i]:off[i + 1]] for i in range(src.num_rows)]
+        inputs = decode_rows(src, plan["dtype"], self.enc.hidden_size)
         order, states = self._run(inputs, self.part, pad_value=0.0)
         keep = ["id"] + (["word_ids"] if "word_ids" in src.column_names else [])
         t = src.select(keep).take(pa.array(order, pa.int64()))

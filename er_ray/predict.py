@@ -100,12 +100,12 @@ class Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from .cache import decode_hidden
+        from .batching import length_batches, pad_rows
+        from .cache import decode_rows
 
         n = batch.num_rows
         if self.source == "cache":
-            flat, off = decode_hidden(batch, self.cache_dtype, self.enc.hidden_size)
-            rows = [flat[off[i]:off[i + 1]] for i in range(n)]
+            rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
             wids = batch.column("word_ids").to_pylist() if self.token else None
             pad = 0.0
         else:
@@ -116,16 +116,9 @@ class Predictor:
             pad = self.enc.tokenizer.pad_token_id or 0
         labels: list[Any] = [None] * n
         scores: list[Any] = [None] * n
-        order = sorted(range(n), key=lambda i: len(rows[i]))
         with torch.inference_mode():
-            for s in range(0, n, self.batch_size):
-                g = order[s:s + self.batch_size]
-                T = max(len(rows[i]) for i in g)
-                x = np.full((len(g), T) + rows[g[0]].shape[1:], pad, dtype=rows[g[0]].dtype)
-                mask = np.zeros((len(g), T), np.int64)
-                for j, i in enumerate(g):
-                    x[j, :len(rows[i])] = rows[i]
-                    mask[j, :len(rows[i])] = 1
+            for g in length_batches([len(r) for r in rows], self.batch_size):
+                x, mask = pad_rows([rows[i] for i in g], pad)
                 probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device),
                                                  torch.from_numpy(mask).to(self.device)).float(), -1).cpu()
                 p, y = probs.max(-1)

@@ -145,7 +145,8 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
     shuffled; the chunking also bounds memory."""
     import torch
 
-    from .cache import decode_hidden
+    from .batching import length_batches, pad_rows
+    from .cache import decode_rows
 
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     for chunk in ds_iter.iter_batches(batch_size=batch_size * 8, batch_format="pyarrow",
@@ -153,8 +154,7 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
                                       local_shuffle_seed=shuffle_seed):
         n = chunk.num_rows
         if spec["source"] == "cache":
-            flat, off = decode_hidden(chunk, spec["cache_dtype"], spec["hidden"])
-            rows = [flat[off[i]:off[i + 1]] for i in range(n)]
+            rows = decode_rows(chunk, spec["cache_dtype"], spec["hidden"])
         else:
             words = chunk.column("text").to_pylist()
             enc = tokenizer(words, truncation=True, max_length=max_length,
@@ -166,20 +166,12 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
             labels = chunk.column("label").to_pylist()
         else:
             wids, labels = None, chunk.column("label").to_pylist()
-        order = sorted(range(n), key=lambda i: len(rows[i]))
-        groups = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        groups = length_batches([len(r) for r in rows], batch_size)
         if rng is not None:
             rng.shuffle(groups)
         for g in groups:
-            T = max(len(rows[i]) for i in g)
-            shape = (len(g), T) + rows[g[0]].shape[1:]
-            x = np.zeros(shape, dtype=rows[g[0]].dtype)
-            if spec["source"] == "text":
-                x[:] = spec["pad_id"]
-            mask = np.zeros((len(g), T), dtype=np.int64)
-            for j, i in enumerate(g):
-                x[j, :len(rows[i])] = rows[i]
-                mask[j, :len(rows[i])] = 1
+            x, mask = pad_rows([rows[i] for i in g], spec["pad_id"] if spec["source"] == "text" else 0)
+            T = mask.shape[1]
             if wids is None:
                 y = torch.tensor([labels[i] for i in g])
                 w = None
@@ -450,12 +442,23 @@ def _label_index(task) -> dict[str, Any]:
     return out
 
 
-def _attach_labels(batch: pa.Table, labels: dict[str, Any], token: bool) -> pa.Table:
+def _attach_labels(batch: pa.Table, labels: dict[str, dict[str, Any]], token: bool) -> pa.Table:
+    """Keep the rows that a split labels, with `split` and `label` columns (a document in two splits is kept twice)."""
     ids = batch.column("id").to_pylist()
-    keep = [i for i, x in enumerate(ids) if x in labels]
+    keep, split, ys = [], [], []
+    for name, lab in labels.items():
+        for i, x in enumerate(ids):
+            if x in lab:
+                keep.append(i), split.append(name), ys.append(lab[x])
     batch = batch.take(pa.array(keep, pa.int64()))
-    ys = [labels[ids[i]] for i in keep]
-    return batch.append_column("label", pa.array(ys, pa.list_(pa.int32()) if token else pa.int32()))
+    return (batch.append_column("split", pa.array(split, pa.string()))
+            .append_column("label", pa.array(ys, pa.list_(pa.int32()) if token else pa.int32())))
+
+
+def _select_split(batch: pa.Table, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
 
 
 def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
@@ -480,24 +483,25 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
         keep = sorted(str(i) for i in rng.choice(sorted(labels["train"]), size=max_train, replace=False))
         labels["train"] = {k: labels["train"][k] for k in keep}
     token = task.type == "token_classification"
-    out = {}
     if source == "cache":
-        have = set(cache_obj.ids())
-        missing = [i for split in labels.values() for i in split if i not in have]
-        if missing:
-            raise TrainError(f"task {task.name}: {len(missing):,} of its documents are missing from the cache "
-                             f"{cache_obj.path} (e.g. {missing[0]!r}); build the cache over the task's corpus")
+        # One read of the cache for all splits (decompressing every shard's states is the expensive part), then
+        # each split is cut from the small materialized result.
         cols = ["id", "length", "hidden"] + (["scale"] if cache_obj.manifest.dtype == "int8" else []) + \
                (["word_ids"] if token else [])
-        base = cache_obj.dataset(columns=cols)
-        for split, lab in labels.items():
-            out[split] = base.map_batches(_attach_labels, fn_kwargs={"labels": lab, "token": token},
-                                          batch_format="pyarrow", num_cpus=0.25).materialize()
+        labelled = cache_obj.dataset(columns=cols).map_batches(
+            _attach_labels, fn_kwargs={"labels": labels, "token": token}, batch_format="pyarrow",
+            num_cpus=0.25).materialize()
     else:
-        for split, lab in labels.items():
-            t = task.splits[split]
-            t = t.select(["id", task.input_column]).rename_columns(["id", "text"])
-            out[split] = ray.data.from_arrow(_attach_labels(t, lab, token)).materialize()
+        texts = pa.concat_tables(task.splits[s].select(["id", task.input_column]).rename_columns(["id", "text"])
+                                 for s in labels)
+        labelled = ray.data.from_arrow(_attach_labels(texts, labels, token)).materialize()
+    out = {split: labelled.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pyarrow",
+                                       num_cpus=0.25).materialize() for split in labels}
+    if any(out[split].count() < len(lab) for split, lab in labels.items()):  # only the cache can lack documents; name them (reading its ids is fine on this error path)
+        have = set(cache_obj.ids())
+        missing = [i for split in labels.values() for i in split if i not in have]
+        raise TrainError(f"task {task.name}: {len(missing):,} of its documents are missing from the cache "
+                         f"{cache_obj.path} (e.g. {missing[0]!r}); build the cache over the task's corpus")
     return {"datasets": out, "rows": {s: len(v) for s, v in labels.items()}}
 
 
