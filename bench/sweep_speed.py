@@ -1,7 +1,7 @@
 """Issue 5's figure: a sweep of 3 cut layers x 2 adapter sizes on MiniLM for the 3 clothing tasks at once (18 trials,
 ASHA per task, trials concurrent), against the same 18 trials run one by one to the end (what one does by hand).
 
-    .venv/bin/python bench/sweep_speed.py --max-train-examples 2000 --epochs 2 --max-length 64
+    .venv/bin/python bench/sweep_speed.py --max-train-examples 1000 --epochs 2 --max-length 64
 
 Both arms read the same caches (built once, first, and timed on their own); the sweep arm runs first. Reports
 wall time of each arm, trials finished and stopped, and the best configuration per task each arm found.
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--cut-layer", default="2,3,4")
     ap.add_argument("--adapter-size", default="8,32")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-train-examples", type=int, default=2000)
+    ap.add_argument("--max-train-examples", type=int, default=1000)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--out", default="bench/results/sweep_minilm.json")
     a = ap.parse_args()
