@@ -8,4 +8,4 @@ The modules follow the data flow: encoders (load by name, split at cut layer k) 
 sweep -> predict; `tasks` holds task specs and the built-in real tasks; `cli` is the `er-ray` command.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

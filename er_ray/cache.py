@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .batching import length_batches, pad_rows
-from .errors import ErRayError, OptionsError
+from .errors import ErRayError, OptionsError, user_error
 
 FORMAT = "er_ray.cache"
 FORMAT_VERSION = 1
@@ -907,23 +907,7 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
     try:
         _commit_results(opts, ds, layers, len(plans), manifests)
     except Exception as e:
-        raise _user_error(e) from None
-
-
-def _user_error(e: BaseException) -> BaseException:
-    """A CacheError raised inside a Ray Data worker arrives wrapped twice: hand the user the error itself."""
-    seen, x = set(), e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if isinstance(x, ErRayError):
-            return type(x)(*x.args)
-        x = getattr(x, "cause", None) or x.__cause__
-    # Ray Data re-raises a UserCodeException whose cause is lost; the worker's error line is in its text.
-    found = re.search(r"^er_ray\.\w+\.(\w+): (.+)$", str(e), re.M)
-    if found:
-        cls = {c.__name__: c for c in (CacheError, CacheMismatch)}.get(found.group(1), CacheError)
-        return cls(found.group(2))
-    return e
+        raise user_error(e) from None
 
 
 def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, manifests: dict[int, Manifest]):

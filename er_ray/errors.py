@@ -7,3 +7,33 @@ class ErRayError(Exception):
 
 class OptionsError(ErRayError, ValueError):
     """An option value that cannot work."""
+
+
+def user_error(e: BaseException) -> BaseException:
+    """The er_ray error that code inside a Ray task or actor raised, out of Ray's wrappers, for the user to read;
+    any other error unchanged. (Ray wraps it once or twice; Ray Data can lose the cause and keep only the worker's
+    error line in its message text.)"""
+    import re
+
+    seen, x, original = set(), e, None
+    while x is not None and id(x) not in seen:  # the deepest er_ray error of the chain is the one raised
+        seen.add(id(x))
+        if isinstance(x, ErRayError):
+            original = x
+        x = getattr(x, "cause", None) or x.__cause__
+    if original is not None:
+        if type(original).__module__.startswith("er_ray"):
+            return original
+        # Ray's RayTaskError(SomeError) hybrid: rebuild the plain er_ray error from the original's message
+        cls = next(c for c in type(original).__mro__ if issubclass(c, ErRayError) and c.__module__.startswith("er_ray"))
+        return cls(*getattr(getattr(original, "cause", None), "args", original.args))
+    found = re.search(r"^er_ray\.\w+\.(\w+): (.+)$", str(e), re.M)
+    if found:
+        classes, todo = {}, [ErRayError]
+        while todo:
+            c = todo.pop()
+            classes[c.__name__] = c
+            todo += c.__subclasses__()
+        if found.group(1) in classes:
+            return classes[found.group(1)](found.group(2))
+    return e

@@ -4,8 +4,9 @@
     TaskModel(encoder, ModelSpec(cut_layer=0, adapter="full", source="text", ...))       # full_finetune: text in
 
 Adapters (each with an `adapter_size`):
-- `lora`: PEFT LoRA on the attention query and value of the upper layers only (size = rank). PEFT injects it
-  into the loaded model itself, so the adapter saves and loads with plain `peft` (`PeftModel.from_pretrained`).
+- `lora`: PEFT LoRA on every linear map (attention q, k, v, output; feed-forward in, out) of the upper layers
+  only (size = rank). PEFT injects it into the loaded model itself, so the adapter saves and loads with plain
+  `peft` (`PeftModel.from_pretrained`).
 - `bottleneck`: Houlsby adapters, two per upper layer (after the attention output and the feed-forward output
   projections, before the residual LayerNorm), width = size; the layer norms train too, as in Houlsby et al.
 - `full`: every weight of the upper layers trains (the paper's first variant; no size).
@@ -91,7 +92,7 @@ def add_bottlenecks(layers: nn.ModuleList, points: tuple[str, ...], hidden: int,
 
 
 def add_lora(model: nn.Module, spec: ModelSpec):
-    """PEFT LoRA on query/value of layers cut_layer+1..L only; returns the PeftModel (it wraps `model` in place)."""
+    """PEFT LoRA on the linear maps of layers cut_layer+1..L only; returns the PeftModel (it wraps `model` in place)."""
     from peft import LoraConfig, get_peft_model
 
     arch = encoders.architecture_of(model)

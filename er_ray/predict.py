@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .errors import ErRayError, OptionsError
+from .errors import ErRayError, OptionsError, user_error
 
 
 class PredictError(ErRayError):
@@ -144,13 +144,14 @@ class Predictor:
 
 
 def predict(opts: PredictOptions) -> Path | str:
-    """Label every document of a corpus with a trained task model; writes OUTPUT/predictions.parquet (replacing
-    what OUTPUT held) and returns OUTPUT: a Path for a local folder, the URI for a remote one."""
+    """Label every document of a corpus with a trained task model; writes OUTPUT/predictions.parquet (an earlier
+    one there is replaced only once the new one is complete) and returns OUTPUT: a Path for a local folder, the
+    URI for a remote one."""
     import ray
     import ray.data
 
     from . import encoders
-    from .cache import KEY_FIELDS, open_cache, resolve_corpus
+    from .cache import KEY_FIELDS, open_cache, read_ids, resolve_corpus
     from .cluster import cluster_cpus, cluster_gpus, connect
 
     run = storage.absolute(opts.run)  # the predictor actors read the model from it
@@ -168,13 +169,14 @@ def predict(opts: PredictOptions) -> Path | str:
         ds = c.dataset(columns=cols)
         if opts.corpus:  # only the corpus's documents
             corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
-            wanted = pa.array(sorted({i for f in corpus.files for i in _ids(f, corpus.id_column)}))
+            wanted = pa.array(sorted({i for _, ids in read_ids(corpus) for i in ids}), pa.string())
             ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
         source = "cache"
-    else:
+    else:  # each corpus file is read by a Ray task, not by this process: a corpus need not fit in the driver
         corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
-        tables = [_read(f, corpus.id_column, corpus.text_column) for f in corpus.files]
-        ds = ray.data.from_arrow(pa.concat_tables(tables))
+        ds = ray.data.from_items([{"file": f} for f in corpus.files], override_num_blocks=len(corpus.files))
+        ds = ds.map_batches(_read_files, fn_kwargs={"id_column": corpus.id_column, "text_column": corpus.text_column},
+                            batch_size=1, batch_format="pyarrow")
         source, cache_dtype = "text", None
     gpus = cluster_gpus()
     workers = opts.workers or max(1, gpus)
@@ -184,10 +186,12 @@ def predict(opts: PredictOptions) -> Path | str:
                                                            "cache_dtype": cache_dtype},
                          batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=1 if gpus else 0, num_cpus=1)
-    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
-    storage.delete(opts.output)
-    storage.write_parquet(storage.join(opts.output, "predictions.parquet"), table)
-    print(f"[er_ray predict] {table.num_rows:,} documents labelled from {source} -> {opts.output}", file=sys.stderr)
+    try:  # streamed into one file as the predictor actors deliver, never all in this process's memory
+        rows = storage.write_parquet_stream(storage.join(opts.output, "predictions.parquet"),
+                                            out.iter_batches(batch_size=None, batch_format="pyarrow"))
+    except Exception as e:
+        raise user_error(e) from None
+    print(f"[er_ray predict] {rows:,} documents labelled from {source} -> {opts.output}", file=sys.stderr)
     return Path(opts.output) if storage.is_local(opts.output) else opts.output
 
 
@@ -197,15 +201,17 @@ def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
 
 
-def _ids(file: str, id_column: str) -> list[str]:
+def _read_files(batch: pa.Table, id_column: str, text_column: str) -> pa.Table:
+    """(Ray task) The named corpus files -> id (as strings) and text columns."""
     from .tasks import read_table
 
-    return [str(x) for x in read_table(file).column(id_column).to_pylist()]
-
-
-def _read(file: str, id_column: str, text_column: str) -> pa.Table:
-    from .tasks import read_table
-
-    t = read_table(file)
-    return pa.table({"id": pa.array([str(x) for x in t.column(id_column).to_pylist()]),
-                     "text": t.column(text_column)})
+    out = []
+    for file in batch.column("file").to_pylist():
+        t = read_table(file)
+        missing = [c for c in (id_column, text_column) if c not in t.column_names]
+        if missing:
+            raise PredictError(f"{file}: no column {missing[0]!r} (columns: {', '.join(t.column_names)}); "
+                               f"name it with --id-column / --text-column")
+        out.append(pa.table({"id": pa.array([str(x) for x in t.column(id_column).to_pylist()], pa.string()),
+                             "text": t.column(text_column)}))
+    return pa.concat_tables(out)

@@ -7,8 +7,8 @@ Options of the filesystem ride in the URI's query and `join` keeps them, so a wh
     s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000&scheme=http&region=us-east-1
 
 Credentials are not er_ray's business: pyarrow finds them as the cloud's SDK does (for S3: AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, an instance profile; `er_ray.cluster.connect` forwards the
-AWS_* variables to Ray workers). Hand locations (strings) to Ray tasks and actors and let each process resolve
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, an instance profile; a local Ray's workers inherit the
+driver's environment, a cluster's nodes use their instance profile). Hand locations (strings) to Ray tasks and actors and let each process resolve
 them; do not ship filesystem objects around.
 
 Writes are atomic where the filesystem allows: on a local disk (and HDFS) a temporary file next to the target,
@@ -22,6 +22,7 @@ or removes the rest.
     absolute(location)                    # local paths made absolute (before handing them to other processes)
     read_bytes / write_bytes / read_json / write_json / exists / size / listdir / delete / sha256
     read_parquet / write_parquet          # a whole table, written atomically like write_bytes
+    write_parquet_stream(location, tables)  # one Parquet file from a stream of tables, never all in memory
     upload(local_folder, location)        # a folder made on this machine (plots, a model) copied to a location
     ray_storage(location)                 # (storage_path, storage_filesystem) for Ray Train's and Tune's RunConfig
 """
@@ -174,6 +175,34 @@ def write_parquet(location: str | os.PathLike, table: pa.Table, **options) -> No
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **options)
     write_bytes(location, sink.getvalue())
+
+
+def write_parquet_stream(location: str | os.PathLike, tables, **options) -> int:
+    """Tables (same schema) from an iterator into one Parquet file, holding one at a time; returns the rows written.
+    The file appears only when complete: it is written under a temporary name and then moved (a rename on a local
+    disk, a server-side copy on object stores, where a streamed upload cut short would otherwise be committed
+    half-written when its stream closes)."""
+    fs, path = resolve(location)
+    parent, name = path.rsplit("/", 1)
+    if fs.type_name not in _OBJECT_STORES:
+        fs.create_dir(parent, recursive=True)
+    tmp, rows, writer = f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}", 0, None
+    try:
+        with fs.open_output_stream(tmp) as f:
+            for t in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(f, t.schema, **options)
+                writer.write_table(t.cast(writer.schema))
+                rows += t.num_rows
+            if writer is None:
+                raise ValueError(f"{location}: nothing to write")
+            writer.close()
+        fs.move(tmp, path)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+    return rows
 
 
 def upload(folder: str | os.PathLike, location: str | os.PathLike) -> None:

@@ -117,7 +117,18 @@ def trial_name(task: str, p: dict[str, Any], seed: int) -> str:
 # The trial: a Tune function trainable that runs one TorchTrainer
 
 
-def _trial(config: dict[str, Any]) -> None:
+def _trial_options(config: dict[str, Any]) -> TrainOptions:
+    p = config["point"]
+    return TrainOptions(**dict(config["train"], task=[config["task"]], cut_layer=p["cut_layer"],
+                               adapter=p["adapter"], adapter_size=p["adapter_size"] or 16,
+                               learning_rate=p["learning_rate"], cache=config["cache"]))
+
+
+def _data_key(config: dict[str, Any]) -> str:
+    return f"{config['task']}|k={config['point']['cut_layer']}"
+
+
+def _trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
     import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -125,7 +136,7 @@ def _trial(config: dict[str, Any]) -> None:
     from .train import fit_run, plan_run
 
     config = _flatten(config)
-    p, name = config["point"], config["name"]
+    name = config["name"]
     # Many trials at once: Ray Data's per-dataset progress bars would bury Tune's status table in the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     run = storage.join(config["train"]["output"], "runs", name)
@@ -133,10 +144,8 @@ def _trial(config: dict[str, Any]) -> None:
         m = storage.read_json(storage.join(run, "metrics.json"))
         tune.report({"dev_score": m["dev"], "final": True, "dev": m["dev"], "test": m["test"], "reused": True})
         return
-    opts = TrainOptions(**dict(config["train"], task=[config["task"]], cut_layer=p["cut_layer"],
-                               adapter=p["adapter"], adapter_size=p["adapter_size"] or 16,
-                               learning_rate=p["learning_rate"], cache=config["cache"]))
-    plan = plan_run(opts, config["task"], name=name)
+    opts = _trial_options(config)
+    plan = plan_run(opts, config["task"], name=name, data=(data or {}).get(_data_key(config)))
     fit_run(plan, opts, concurrent_workers=config["concurrent_workers"], callbacks=[TuneReportCallback()])
     _mark_finished(run, config)
 
@@ -218,7 +227,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
     from . import encoders, tasks
     from .cluster import connect
-    from .train import ensure_cache
+    from .train import ensure_cache, run_data
 
     fp = encoders.fingerprint(opts.model, opts.max_length)
     points = grid(opts, fp["num_layers"])  # a bad option fails here, before Ray starts
@@ -251,16 +260,24 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     scheduler = (per_task_asha(time_attr="training_iteration", max_t=opts.epochs, grace_period=opts.grace_period,
                              reduction_factor=opts.reduction_factor, stop_last_trials=False)
                  if opts.scheduler == "asha" else None)
+    t0 = time.perf_counter()
+    # A trial's labelled rows depend only on its task and cut layer: cut them from the cache once, here, and share
+    # them (materialized, in the object store) with every trial that trains on them; each trial would otherwise
+    # read the whole corpus's cache for its few thousand rows. Finished trials need none.
+    data: dict[str, Any] = {}
+    for t in trials:
+        if _data_key(t) not in data and not _finished(storage.join(out, "runs", t["name"]), t):
+            data[_data_key(t)] = run_data(_trial_options(t), t["task"])
+    _log(f"labelled rows of {len(data)} (task, cut layer) pair(s) ready in {time.perf_counter() - t0:.0f} s")
     # A trial's own process only waits on its TorchTrainer: it needs a sliver of CPU, not a core
     # (0 is refused by Tune's resource request).
-    trainable = tune.with_resources(_trial, {"cpu": 0.05})
+    trainable = tune.with_resources(tune.with_parameters(_trial, data=data), {"cpu": 0.05})
     # The Tune experiment is named by its grid: the same command restores it; changed options start a new one
     # (whose trials still reuse every run that finished with identical settings).
     tune_path, tune_fs = storage.ray_storage(storage.join(out, "tune"))
     tune_name = "trials-" + hashlib.sha256(json.dumps([_trial_key(t) for t in trials], sort_keys=True)
                                            .encode()).hexdigest()[:10]
     param_space = {"trial": tune.grid_search(trials)}
-    t0 = time.perf_counter()
     experiment = f"{tune_path}/{tune_name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
         _log("resuming the sweep found in " + storage.join(out, "tune", tune_name))

@@ -558,10 +558,8 @@ def _default_name(opts: TrainOptions, task: str) -> str:
     return f"{task}-{kind}-s{opts.seed}"
 
 
-def plan_run(opts: TrainOptions, task_name: str, name: str | None = None) -> dict[str, Any]:
-    """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config. `name` (default:
-    task, cut layer, adapter and seed) names the run's folder and its Ray Train run: deterministic, so a re-run
-    resumes it."""
+def _run_layout(opts: TrainOptions, task_name: str):
+    """(task, model fingerprint, cut layer, source) of a run, checked."""
     from . import encoders, tasks
 
     task = tasks.load_task(task_name)
@@ -571,11 +569,27 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None) -> dic
         k = 0
     if not 0 <= k <= fp["num_layers"]:
         raise OptionsError(f"--cut-layer {k} out of range: {fp['model']} has layers 0..{fp['num_layers']}")
-    source = "text" if opts.full_finetune or opts.from_text else "cache"
-    cache_obj = None
-    if source == "cache":
-        cache_obj = _open_run_cache(opts, task, fp, k)
+    return task, fp, k, "text" if opts.full_finetune or opts.from_text else "cache"
+
+
+def run_data(opts: TrainOptions, task_name: str) -> dict[str, Any]:
+    """A run's labelled, materialized Ray Datasets per split (from its cache, or texts) and the cache's dtype.
+    Runs that differ only in adapter or learning rate can share one (a sweep does: one cache read per task and k)."""
+    task, fp, k, source = _run_layout(opts, task_name)
+    cache_obj = _open_run_cache(opts, task, fp, k) if source == "cache" else None
     data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
+    return dict(data, cache_dtype=cache_obj.manifest.dtype if cache_obj else None)
+
+
+def plan_run(opts: TrainOptions, task_name: str, name: str | None = None,
+             data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config. `name` (default:
+    task, cut layer, adapter and seed) names the run's folder and its Ray Train run: deterministic, so a re-run
+    resumes it. `data`: `run_data`'s result for these options, if the caller already has it."""
+    from . import encoders
+
+    task, fp, k, source = _run_layout(opts, task_name)
+    data = data or run_data(opts, task_name)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
     token = task.type == "token_classification"
@@ -590,7 +604,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None) -> dic
               "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length,
               "workers": opts.workers, "train_rows": data["rows"]["train"], "has_test": "test" in data["datasets"],
               "data_spec": {"source": source, "task_type": task.type, "hidden": fp["hidden_size"],
-                            "cache_dtype": cache_obj.manifest.dtype if cache_obj else None}}
+                            "cache_dtype": data["cache_dtype"]}}
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
 
 
@@ -619,6 +633,7 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     if precision == "fp16" and not use_gpu:
         raise OptionsError("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
     config["precision"] = precision
+    _start_afresh_if_changed(storage.join(opts.output, "ray", plan["name"]), config)
     storage_path, storage_fs = storage.ray_storage(storage.join(opts.output, "ray"))
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -641,6 +656,20 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     _log(f"{plan['name']}: dev {metrics['metric']} {metrics['dev']:.4f}, test {metrics['test']}, "
          f"{metrics['seconds_per_epoch']:.1f} s/epoch -> {out}")
     return metrics
+
+
+def _start_afresh_if_changed(ray_dir: str, config: dict[str, Any]) -> None:
+    """Ray Train resumes a run from the checkpoints in its folder (named by the run): right after a failure, wrong
+    when the run's settings (learning rate, epochs, examples, ...) or er_ray itself changed since. Keep the
+    settings beside the checkpoints and clear them when they differ."""
+    from . import __version__
+
+    settings = storage.join(ray_dir, "er_ray_settings.json")
+    key = json.loads(json.dumps({"er_ray": __version__, **{k: v for k, v in config.items() if k != "threads"}}))
+    if storage.exists(ray_dir) and (not storage.exists(settings) or storage.read_json(settings) != key):
+        _log(f"{config['run']}: its settings changed since the checkpoints in {ray_dir} were made: starting afresh")
+        storage.delete(ray_dir)
+    storage.write_json(settings, key)
 
 
 def publish_run(checkpoint, out: str) -> dict[str, Any] | None:

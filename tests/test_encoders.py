@@ -132,3 +132,44 @@ def test_task_model_is_split_through_its_base_model():
     with torch.no_grad():
         pooled = upper(lower(ids, mask), mask).pooler_output
         assert torch.allclose(clf.classifier(pooled), clf(input_ids=ids, attention_mask=mask).logits, atol=TOL)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_adapters_go_on_the_upper_layers_only(name):
+    """Every architecture: LoRA on the six linear maps of each upper layer (none below the cut), two bottlenecks per
+    upper layer; a fresh adapter leaves the upper layers' output unchanged (LoRA B and bottleneck up start at 0);
+    merging LoRA for inference gives the same logits."""
+    from er_ray.model import ModelSpec, TaskModel
+
+    k = 2
+    base = tiny_model(name, CONFIGS[name][1][0])
+    cfg = base.config
+    h_k = torch.randn(2, 7, getattr(cfg, "hidden_size", getattr(cfg, "dim", 32)))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        ref, _ = encoders.UpperEncoder(base, k).run_layers(h_k, mask)
+    m = tiny_model(name, CONFIGS[name][1][0])
+    lora = TaskModel(m, ModelSpec(cut_layer=k, adapter="lora", adapter_size=4, num_labels=3, dropout=0.0)).eval()
+    per_layer = [sum("lora_A" in n for n, _ in layer.named_parameters())
+                 for layer in encoders.architecture_of(m).layers(encoders.base_model(m))]
+    assert per_layer == [0, 0, 6, 6], per_layer
+    assert all(p.requires_grad == ("lora_" in n or n.startswith("classifier")) for n, p in lora.named_parameters())
+    with torch.no_grad():
+        out, _ = lora.upper.run_layers(h_k, mask)
+        assert (out - ref)[mask.bool()].abs().max() <= TOL
+        for n, p in lora.named_parameters():  # a trained adapter, so that merging has something to fold in
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+        assert (lora.upper.run_layers(h_k, mask)[0] - ref)[mask.bool()].abs().max() > 1e-3
+        before = lora(h_k, mask)
+        lora.merge_lora()
+        assert (lora(h_k, mask) - before).abs().max() <= 1e-5
+    m = tiny_model(name, CONFIGS[name][1][0])
+    bottleneck = TaskModel(m, ModelSpec(cut_layer=k, adapter="bottleneck", adapter_size=4, num_labels=3))
+    per_layer = [len({n.split(".adapter.")[0] for n, _ in layer.named_parameters() if ".adapter." in n})
+                 for layer in encoders.architecture_of(m).layers(encoders.base_model(m))]
+    assert per_layer == [0, 0, 2, 2], per_layer
+    with torch.no_grad():
+        out, _ = bottleneck.upper.run_layers(h_k, mask)
+        assert (out - ref)[mask.bool()].abs().max() <= TOL

@@ -39,7 +39,9 @@ def test_recycled_lora_learns_trec(trec_lora, out):
     base = majority(tasks.load_task("trec"))
     assert m["metric"] == "accuracy" and m["recycled"] and m["cut_layer"] == 3
     assert m["test"] >= base + 0.4, f"test accuracy {m['test']:.3f} vs majority {base:.3f}"
-    assert m["trainable_parameters"] == 3 * 2 * (384 * 8 * 2) + 384 * 6 + 6  # LoRA on 3 upper layers + head
+    # LoRA rank 8 on the six linear maps of each of the 3 upper layers (q, k, v, attention out: 384 -> 384; the
+    # feed-forward's 384 -> 1536 and back), + the head
+    assert m["trainable_parameters"] == 3 * 8 * (4 * (384 + 384) + 2 * (384 + 1536)) + 384 * 6 + 6
     run = out / "runs" / "trec-k3-lora8-s0"
     saved = json.loads((run / "metrics.json").read_text())
     for key in ("task", "metric", "dev", "test", "train_seconds", "examples_per_second", "trainable_parameters",
@@ -184,7 +186,7 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
 
     w = load_file(tmp_path / "runs" / m["run"] / "model" / "trainable.safetensors")
     lora_b = [v for k, v in w.items() if "lora_B" in k]
-    assert len(lora_b) == 6 and all(float(v.abs().sum()) > 0 for v in lora_b)
+    assert len(lora_b) == 3 * 6 and all(float(v.abs().sum()) > 0 for v in lora_b)  # 6 maps in each of 3 layers
 
 
 def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
@@ -223,3 +225,18 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path)
     assert "resuming after epoch" in log
     m = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert m["epochs_run"] == 3 and any(h["resumed"] for h in m["history"])
+
+
+def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec_lora, out, tmp_path):
+    run = out / "runs" / "trec-k3-lora8-s0"
+    docs = tasks.load_task("trec").splits["test"].slice(0, 40)
+    pq.write_table(docs, tmp_path / "docs.parquet")
+    first = predict.predict(predict.PredictOptions(run=str(run), corpus=[str(tmp_path / "docs.parquet")],
+                                                   output=str(tmp_path / "preds")))
+    before = (first / "predictions.parquet").read_bytes()
+    assert pq.read_table(first / "predictions.parquet").num_rows == 40
+    with pytest.raises(predict.PredictError, match=r"docs.parquet: no column 'body' \(columns: id, text"):
+        predict.predict(predict.PredictOptions(run=str(run), corpus=[str(tmp_path / "docs.parquet")],
+                                               text_column="body", output=str(tmp_path / "preds")))
+    assert (first / "predictions.parquet").read_bytes() == before  # a failed run leaves the old file whole
+    assert [p.name for p in first.iterdir()] == ["predictions.parquet"]  # and no temporary file behind
