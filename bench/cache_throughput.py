@@ -122,7 +122,10 @@ def main():
     ap.add_argument("--bytes-docs", type=int, default=3000, help="documents for the fp16/int8 bytes comparison")
     ap.add_argument("--work", default="/tmp/er_ray_bench")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--parts", default="throughput,multi_layer,bytes",
+                    help="what to measure (default: all): throughput (bare vs pipeline), multi_layer, bytes")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -148,15 +151,18 @@ def main():
     res["bare"] = bare_forward(enc, texts, k, a.batch_size, a.max_length)
     print(f"[bench] ray pipeline, layer {k}", flush=True)
     res["ray"] = ray_build(corpus, work / "c_one", a.model, [k], "fp16", a.batch_size, a.max_length)
-    print(f"[bench] ray pipeline, layers {layers3} in one pass", flush=True)
-    res["ray_3_layers"] = ray_build(corpus, work / "c_three", a.model, layers3, "fp16", a.batch_size, a.max_length)
-    print(f"[bench] ray pipeline, layer {max(layers3)} alone", flush=True)
-    res["ray_deepest"] = (res["ray"] if max(layers3) == k else
-                          ray_build(corpus, work / "c_deep", a.model, [max(layers3)], "fp16", a.batch_size,
-                                    a.max_length))
-    for dtype in ("fp16", "int8"):
-        r = ray_build(small, work / f"c_{dtype}", a.model, [k], dtype, a.batch_size, a.max_length)
-        res[f"bytes_{dtype}"] = r["bytes_per_token"][k]
+    if "multi_layer" in parts:
+        print(f"[bench] ray pipeline, layers {layers3} in one pass", flush=True)
+        res["ray_3_layers"] = ray_build(corpus, work / "c_three", a.model, layers3, "fp16", a.batch_size,
+                                        a.max_length)
+        print(f"[bench] ray pipeline, layer {max(layers3)} alone", flush=True)
+        res["ray_deepest"] = (res["ray"] if max(layers3) == k else
+                              ray_build(corpus, work / "c_deep", a.model, [max(layers3)], "fp16", a.batch_size,
+                                        a.max_length))
+    if "bytes" in parts:
+        for dtype in ("fp16", "int8"):
+            r = ray_build(small, work / f"c_{dtype}", a.model, [k], dtype, a.batch_size, a.max_length)
+            res[f"bytes_{dtype}"] = r["bytes_per_token"][k]
     for d in ("c_one", "c_three", "c_deep", "c_fp16", "c_int8"):
         shutil.rmtree(work / d, ignore_errors=True)
 
@@ -168,15 +174,18 @@ def main():
     res["summary"] = {
         "bare_tokens_per_s": bare_tps, "ray_tokens_per_s": ray_tps, "throughput_ratio": ray_tps / bare_tps,
         "bare_fraction_of_peak": bare_tps * flops / 1e9 / peak32, "ray_fraction_of_peak": ray_tps * flops / 1e9 / peak32,
-        "multi_layer_ratio": res["ray_3_layers"]["seconds"] / res["ray_deepest"]["seconds"],
-        "fp16_bytes_per_token": res["bytes_fp16"], "fp16_limit": 2 * H * 1.05,
-        "int8_bytes_per_token": res["bytes_int8"], "int8_limit": H + 8,
         "padded512_fp32_bytes_per_token": len(texts) * 512 * H * 4 / res["bare"]["tokens"],
-        "peak_pss_gib": max(res[r]["peak_pss_gib"] for r in ("ray", "ray_3_layers")),
+        "peak_pss_gib": max(res[r]["peak_pss_gib"] for r in ("ray", "ray_3_layers") if r in res),
     }
+    if "multi_layer" in parts:
+        res["summary"]["multi_layer_ratio"] = res["ray_3_layers"]["seconds"] / res["ray_deepest"]["seconds"]
+    if "bytes" in parts:
+        res["summary"].update(fp16_bytes_per_token=res["bytes_fp16"], fp16_limit=2 * H * 1.05,
+                              int8_bytes_per_token=res["bytes_int8"], int8_limit=H + 8)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"cache_{a.model}.json").write_text(json.dumps(res, indent=1) + "\n")
+    name = f"cache_{a.model}" + ("" if len(parts) == 3 else "_" + "_".join(sorted(parts)))
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res["summary"], indent=1))
 
 
