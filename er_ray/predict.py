@@ -191,6 +191,12 @@ def predict(opts: PredictOptions) -> Path | str:
                                             out.iter_batches(batch_size=None, batch_format="pyarrow"))
     except Exception as e:
         raise user_error(e) from None
+    if rows == 0:
+        raise PredictError("no documents to label: the corpus is empty" +
+                           (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))
+    if opts.cache and opts.corpus and rows < len(wanted):  # nothing is dropped silently
+        print(f"[er_ray predict] {len(wanted) - rows:,} of the corpus's {len(wanted):,} documents are not in the "
+              f"cache {opts.cache} and were not labelled", file=sys.stderr)
     print(f"[er_ray predict] {rows:,} documents labelled from {source} -> {opts.output}", file=sys.stderr)
     return Path(opts.output) if storage.is_local(opts.output) else opts.output
 

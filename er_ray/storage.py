@@ -8,8 +8,8 @@ Options of the filesystem ride in the URI's query and `join` keeps them, so a wh
 
 Credentials are not er_ray's business: pyarrow finds them as the cloud's SDK does (for S3: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, an instance profile; a local Ray's workers inherit the
-driver's environment, a cluster's nodes use their instance profile). Hand locations (strings) to Ray tasks and actors and let each process resolve
-them; do not ship filesystem objects around.
+driver's environment, a cluster's nodes use their instance profile). Hand locations (strings) to Ray tasks and
+actors and let each process resolve them; do not ship filesystem objects around.
 
 Writes are atomic where the filesystem allows: on a local disk (and HDFS) a temporary file next to the target,
 then a rename; on object stores (S3, GCS, Azure) one upload straight to the final name, which readers see whole
@@ -178,7 +178,8 @@ def write_parquet(location: str | os.PathLike, table: pa.Table, **options) -> No
 
 
 def write_parquet_stream(location: str | os.PathLike, tables, **options) -> int:
-    """Tables (same schema) from an iterator into one Parquet file, holding one at a time; returns the rows written.
+    """Tables (same schema) from an iterator into one Parquet file, holding one at a time; returns the rows written
+    (0 for an empty iterator, which writes no file).
     The file appears only when complete: it is written under a temporary name and then moved (a rename on a local
     disk, a server-side copy on object stores, where a streamed upload cut short would otherwise be committed
     half-written when its stream closes)."""
@@ -194,9 +195,11 @@ def write_parquet_stream(location: str | os.PathLike, tables, **options) -> int:
                     writer = pq.ParquetWriter(f, t.schema, **options)
                 writer.write_table(t.cast(writer.schema))
                 rows += t.num_rows
-            if writer is None:
-                raise ValueError(f"{location}: nothing to write")
-            writer.close()
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            fs.delete_file(tmp)
+            return 0
         fs.move(tmp, path)
     except BaseException:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:

@@ -497,7 +497,8 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
         labelled = ray.data.from_arrow(_attach_labels(texts, labels, token)).materialize()
     out = {split: labelled.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pyarrow",
                                        num_cpus=0.25).materialize() for split in labels}
-    if any(out[split].count() < len(lab) for split, lab in labels.items()):  # only the cache can lack documents; name them (reading its ids is fine on this error path)
+    if any(out[split].count() < len(lab) for split, lab in labels.items()):
+        # only a cache can lack documents; name them (reading all its ids is fine on this error path)
         have = set(cache_obj.ids())
         missing = [i for split in labels.values() for i in split if i not in have]
         raise TrainError(f"task {task.name}: {len(missing):,} of its documents are missing from the cache "
@@ -575,7 +576,10 @@ def _run_layout(opts: TrainOptions, task_name: str):
 def run_data(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     """A run's labelled, materialized Ray Datasets per split (from its cache, or texts) and the cache's dtype.
     Runs that differ only in adapter or learning rate can share one (a sweep does: one cache read per task and k)."""
-    task, fp, k, source = _run_layout(opts, task_name)
+    return _run_data(opts, *_run_layout(opts, task_name))
+
+
+def _run_data(opts: TrainOptions, task, fp: dict[str, Any], k: int, source: str) -> dict[str, Any]:
     cache_obj = _open_run_cache(opts, task, fp, k) if source == "cache" else None
     data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
     return dict(data, cache_dtype=cache_obj.manifest.dtype if cache_obj else None)
@@ -589,7 +593,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None,
     from . import encoders
 
     task, fp, k, source = _run_layout(opts, task_name)
-    data = data or run_data(opts, task_name)
+    data = data or _run_data(opts, task, fp, k, source)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
     token = task.type == "token_classification"

@@ -240,3 +240,11 @@ def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec
                                                text_column="body", output=str(tmp_path / "preds")))
     assert (first / "predictions.parquet").read_bytes() == before  # a failed run leaves the old file whole
     assert [p.name for p in first.iterdir()] == ["predictions.parquet"]  # and no temporary file behind
+    # from the cache, a corpus none of whose documents it holds: an error, not an empty file
+    strangers = docs.set_column(0, "id", pa.array([f"x-{i}" for i in range(40)]))
+    pq.write_table(strangers, tmp_path / "strangers.parquet")
+    with pytest.raises(predict.PredictError, match="none of its documents are in the cache"):
+        predict.predict(predict.PredictOptions(run=str(run), corpus=[str(tmp_path / "strangers.parquet")],
+                                               cache=str(next((out / "caches").iterdir())),
+                                               output=str(tmp_path / "preds2")))
+    assert not list((tmp_path / "preds2").glob("*"))  # no file, no temporary left behind
