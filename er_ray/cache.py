@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .batching import length_batches, pad_rows
-from .errors import ErRayError, OptionsError, user_error
+from .errors import ErRayError, OptionsError, run_pipeline
 
 FORMAT = "er_ray.cache"
 FORMAT_VERSION = 1
@@ -904,10 +904,7 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
         compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=2,
                                            enable_true_multi_threading=True),
         num_gpus=1 if gpus else 0, num_cpus=1)
-    try:
-        _commit_results(opts, ds, layers, len(plans), manifests)
-    except Exception as e:
-        raise user_error(e) from None
+    run_pipeline(lambda: _commit_results(opts, ds, layers, len(plans), manifests))
 
 
 def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, manifests: dict[int, Manifest]):

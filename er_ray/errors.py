@@ -1,5 +1,12 @@
 """er_ray's errors: each is written to be read by a person (what is wrong, where, and how to fix it)."""
 
+from __future__ import annotations
+
+import gc
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
 
 class ErRayError(Exception):
     """Base of every error er_ray raises on purpose; the CLI prints these without a traceback."""
@@ -7,6 +14,29 @@ class ErRayError(Exception):
 
 class OptionsError(ErRayError, ValueError):
     """An option value that cannot work."""
+
+
+class PipelineError(ErRayError, RuntimeError):
+    """A Ray Data pipeline failed for a reason er_ray did not name itself (its message keeps Ray's report)."""
+
+
+def run_pipeline(consume: Callable[[], T]) -> T:
+    """consume(), which drives a Ray Data pipeline to its end; what it raises comes out as the user's error.
+
+    Trap: a failed pipeline shuts down without killing its actors. They go only once nothing refers to them, and
+    Ray's error does: its traceback holds the executor's frames, some still live in the executor's thread, so
+    clearing them is not enough. A caller who keeps the error (a notebook, pytest.raises) kept actors holding CPUs,
+    and the next pipeline on a 2-core machine waited for a CPU forever. So the error raised here is a new object
+    that refers to none of it, raised outside the except block (no __context__), after a collection (the executor
+    sits in reference cycles)."""
+    try:
+        return consume()
+    except Exception as e:
+        err = user_error(e)
+        err = type(err)(*err.args) if isinstance(err, ErRayError) else PipelineError(f"{type(err).__name__}: {err}")
+        del e
+    gc.collect()
+    raise err
 
 
 def user_error(e: BaseException) -> BaseException:

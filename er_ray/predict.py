@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .errors import ErRayError, OptionsError, user_error
+from .errors import ErRayError, OptionsError, run_pipeline
 
 
 class PredictError(ErRayError):
@@ -186,11 +186,9 @@ def predict(opts: PredictOptions) -> Path | str:
                                                            "cache_dtype": cache_dtype},
                          batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=1 if gpus else 0, num_cpus=1)
-    try:  # streamed into one file as the predictor actors deliver, never all in this process's memory
-        rows = storage.write_parquet_stream(storage.join(opts.output, "predictions.parquet"),
-                                            out.iter_batches(batch_size=None, batch_format="pyarrow"))
-    except Exception as e:
-        raise user_error(e) from None
+    # streamed into one file as the predictor actors deliver, never all in this process's memory
+    rows = run_pipeline(lambda: storage.write_parquet_stream(
+        storage.join(opts.output, "predictions.parquet"), out.iter_batches(batch_size=None, batch_format="pyarrow")))
     if rows == 0:
         raise PredictError("no documents to label: the corpus is empty" +
                            (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))

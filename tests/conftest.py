@@ -26,3 +26,17 @@ def minilm():
     from er_ray import encoders
 
     return encoders.load_encoder("minilm")
+
+
+def all_cpus_free(timeout: float = 30.0) -> bool:
+    """True once no task or actor holds a CPU of the local Ray (a failed pipeline must release its actors)."""
+    import time
+
+    import ray
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.5)
+    return False

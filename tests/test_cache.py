@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import all_cpus_free
 
 from er_ray import cache, tasks
 from er_ray.cache import CacheError, CacheMismatch, CacheOptions, build_cache, open_cache
@@ -280,6 +281,16 @@ def test_non_string_text_and_unreadable_files(ray_local, tmp_path):
         build(broken, tmp_path / "c", cut_layer=[1])
     with pytest.raises(CacheError, match="no such file"):
         build(tmp_path / "nope.parquet", tmp_path / "c", cut_layer=[1])
+
+
+def test_a_failed_build_releases_its_actors_while_the_error_is_kept(ray_local, tmp_path):
+    # Kept errors used to keep the encoder actors (and their CPUs): the next pipeline on 2 cores then waited forever.
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["fine", None]}), path)
+    with pytest.raises(CacheError) as kept:
+        build(path, tmp_path / "c", cut_layer=[1])
+    assert kept.value.__context__ is None and kept.value.__cause__ is None
+    assert all_cpus_free()
 
 
 def test_skip_bad_rows_counts_and_records_them(ray_local, tmp_path):
