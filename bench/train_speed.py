@@ -33,6 +33,8 @@ ARMS = {  # name -> TrainOptions overrides
     "finetune": dict(full_finetune=True, adapter="full"),
     "recycled_lora": dict(adapter="lora", adapter_size=16),
     "recycled_bottleneck": dict(adapter="bottleneck", adapter_size=64),
+    # the paper's usual bottleneck setting: width 256, learning rate 1e-4 to 2e-4
+    "recycled_bottleneck_256": dict(adapter="bottleneck", adapter_size=256, learning_rate=2e-4),
     "peft_lora_all_layers": dict(adapter="lora", adapter_size=16, from_text=True, cut_layer=0),
 }
 
@@ -102,9 +104,7 @@ def main():
                 m = train(opts)[0]
                 runs.append({k2: m[k2] for k2 in ("dev", "test", "seconds_per_epoch", "examples_per_second",
                                                   "data_stall", "trainable_parameters", "epochs_run")})
-                runs[-1]["run"] = str(Path(opts.output) / "runs" / next(
-                    p.name for p in (Path(opts.output) / "runs").iterdir()
-                    if p.name.endswith(f"-s{seed}") and _arm_of(p.name) == arm))
+                runs[-1]["run"] = str(Path(opts.output) / "runs" / m["run"])
             res["arms"][arm] = {"runs": runs,
                                 "test_mean": float(np.mean([r["test"] for r in runs])),
                                 "test_std": float(np.std([r["test"] for r in runs])),
@@ -139,14 +139,6 @@ def main():
     print(json.dumps({t: {arm: {"s/epoch": r["seconds_per_epoch"], "speedup": r.get("train_speedup_vs_finetune"),
                                 "test": r["test_mean"]} for arm, r in v["arms"].items()} | {
         "inference_ratio": v.get("inference", {}).get("ratio")} for t, v in report["tasks"].items()}, indent=1))
-
-
-def _arm_of(run_name: str) -> str:
-    if "-finetune-" in run_name:
-        return "finetune"
-    if run_name.split("-")[-2] == "text":
-        return "peft_lora_all_layers"
-    return "recycled_lora" if "-lora" in run_name else "recycled_bottleneck"
 
 
 if __name__ == "__main__":
