@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import traceback
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -33,7 +34,9 @@ def run_pipeline(consume: Callable[[], T]) -> T:
         return consume()
     except Exception as e:
         err = user_error(e)
-        err = type(err)(*err.args) if isinstance(err, ErRayError) else PipelineError(f"{type(err).__name__}: {err}")
+        # Anything er_ray did not name (a bug, a Ray failure) keeps its whole traceback, as text.
+        err = type(err)(*err.args) if isinstance(err, ErRayError) else \
+            PipelineError("".join(traceback.format_exception(err)).rstrip())
         del e
     gc.collect()
     raise err
