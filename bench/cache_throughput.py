@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import encoders, tasks  # noqa: E402
 from er_ray.cache import CacheOptions, build_cache  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
+from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
 
 class PeakPSS:
@@ -73,20 +74,6 @@ class PeakPSS:
     def __exit__(self, *a):
         self._stop.set()
         self._t.join()
-
-
-def cpu_ticks() -> list[int]:
-    """The machine's CPU time so far (/proc/stat): user nice system idle iowait irq softirq steal ..."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
-def steal_fraction(before: list[int], after: list[int]) -> float:
-    """Share of the interval the hypervisor gave these cores to other guests. These VMs are shared: steal was seen
-    to swing between 2% and 40% within a minute, so a ratio of two arms run minutes apart carries it."""
-    d = [b - a for a, b in zip(before, after)]
-    total = sum(d[:8])
-    return d[7] / total if total else 0.0
 
 
 def matmul_peak_gflops(dtype=torch.float32, n=2048, reps=10) -> float:

@@ -28,6 +28,7 @@ from er_ray.batching import length_batches, pad_rows  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from er_ray.predict import load_task_model  # noqa: E402
 from er_ray.train import TrainOptions, train  # noqa: E402
+from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
 ARMS = {  # name -> TrainOptions overrides
     "finetune": dict(full_finetune=True, adapter="full"),
@@ -109,15 +110,18 @@ def main():
                                     epochs=a.epochs, patience=a.epochs, batch_size=a.batch_size, seed=seed,
                                     max_length=a.max_length, max_train_examples=a.max_train_examples,
                                     **ARMS[arm])
+                ticks = cpu_ticks()
                 m = train(opts)[0]
                 runs.append({k2: m[k2] for k2 in ("dev", "test", "seconds_per_epoch", "examples_per_second",
                                                   "data_stall", "trainable_parameters", "epochs_run")})
                 runs[-1]["run"] = str(Path(opts.output) / "runs" / m["run"])
+                runs[-1]["steal"] = steal_fraction(ticks, cpu_ticks())  # the hypervisor's share, for the record
             res["arms"][arm] = {"runs": runs,
                                 "test_mean": float(np.mean([r["test"] for r in runs])),
                                 "test_std": float(np.std([r["test"] for r in runs])),
                                 "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in runs])),
-                                "data_stall": float(np.mean([r["data_stall"] for r in runs]))}
+                                "data_stall": float(np.mean([r["data_stall"] for r in runs])),
+                                "steal": float(np.mean([r["steal"] for r in runs]))}
             print(f"[bench] {name} {arm}: {res['arms'][arm]['seconds_per_epoch']:.1f} s/epoch, "
                   f"test {res['arms'][arm]['test_mean']:.4f}", flush=True)
         ft = res["arms"].get("finetune")
