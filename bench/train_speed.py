@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import cache, encoders, tasks  # noqa: E402
-from er_ray.batching import length_batches, pad_rows  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
-from er_ray.predict import load_task_model  # noqa: E402
+from er_ray.predict import Predictor  # noqa: E402
 from er_ray.train import TrainOptions, train  # noqa: E402
 from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
@@ -40,31 +39,26 @@ ARMS = {  # name -> TrainOptions overrides
 }
 
 
-def inference_pass(run: Path, source: str, task, cache_dir: str | None, batch_size: int, max_length: int):
-    """A timed pass over the test split, same batch size: from raw text (lower + upper) or from the cache. The model
-    and the inputs (the cache's test rows, still encoded) are loaded once, outside the timing; each call of the
-    returned function times tokenizing or decoding plus the forward passes, and returns its seconds."""
-    model, info, enc = load_task_model(run, source)
-    texts = task.splits["test"].column("text").to_pylist()
+def inference_pass(run: Path, source: str, task, cache_dir: str | None, batch_size: int):
+    """A timed pass over the test split through `er-ray predict`'s own Predictor (the same batching, padding and
+    forward passes; no Ray), from raw text (lower + upper) or from the cache. The model and the inputs (the
+    cache's test rows, still encoded) are loaded once, outside the timing; each call of the returned function
+    times tokenizing or decoding plus the forward passes, and returns its seconds."""
+    test = task.splits["test"]
+    cache_dtype = None
     if source == "cache":
+        info = json.loads((run / "model" / "task.json").read_text())
         c = cache.open_cache(cache_dir, info["spec"]["cut_layer"])
         t = c.read()
         pos = {i: n for n, i in enumerate(t.column("id").to_pylist())}
-        t = t.take([pos[i] for i in task.splits["test"].column("id").to_pylist()])
+        batch, cache_dtype = t.take([pos[i] for i in test.column("id").to_pylist()]), c.manifest.dtype
+    else:
+        batch = test.select(["id", "text"])
+    predictor = Predictor(str(run), source, batch_size, threads=os.cpu_count(), cache_dtype=cache_dtype)
 
     def timed() -> float:
-        torch.set_num_threads(2)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            if source == "cache":
-                rows = cache.decode_rows(t, c.manifest.dtype, enc.hidden_size)
-            else:
-                rows = [np.asarray(x) for x in
-                        enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-            pad = 0.0 if source == "cache" else (enc.tokenizer.pad_token_id or 0)
-            for g in length_batches([len(r) for r in rows], batch_size):
-                x, m = pad_rows([rows[i] for i in g], pad)
-                model(torch.from_numpy(x), torch.from_numpy(m))
+        predictor(batch)
         return time.perf_counter() - t0
 
     return timed
@@ -136,8 +130,8 @@ def main():
                 ft_run = Path(ft["runs"][0]["run"])
                 rc_run = Path(res["arms"]["recycled_lora"]["runs"][0]["run"])
                 # One pass per side is ~1 s and noisy here: the two sides alternate, and the ratio is of medians.
-                from_text = inference_pass(ft_run, "text", task, None, 64, a.max_length)
-                from_cache = inference_pass(rc_run, "cache", task, str(cache_dir), 64, a.max_length)
+                from_text = inference_pass(ft_run, "text", task, None, 64)
+                from_cache = inference_pass(rc_run, "cache", task, str(cache_dir), 64)
                 text_s, cache_s2 = [], []
                 for _ in range(a.inference_repeats):
                     text_s.append(from_text())
