@@ -702,6 +702,7 @@ class ShardEncoder:
         """(The writer thread.) One cut layer's file of one shard, written whole (`storage.write_bytes`: a
         temporary file renamed locally, one upload on object stores); the sha256 is taken of the Parquet bytes in
         memory, not by reading the file back."""
+        t0 = time.perf_counter()
         cols = {"id": t.column("id"), "length": pa.array(lengths.astype(np.int32)),
                 **(to_arrow(states, lengths, self.dtype, self.enc.hidden_size) if len(lengths) else
                    encode_hidden([], self.dtype, self.enc.hidden_size))}
@@ -729,7 +730,7 @@ class ShardEncoder:
             truncated = int(sum(t.column("truncated").to_pylist())) if t.num_rows else 0
         return {"cut_layer": k, "file": shard, "rows": len(lengths), "tokens": tokens, "bytes": size,
                 "sha256": hashlib.sha256(data).hexdigest(), "docs_sha256": docs_sha256, "truncated": truncated,
-                "skipped": json.dumps(skipped), "seconds": seconds}
+                "skipped": json.dumps(skipped), "seconds": seconds, "write_seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -910,6 +911,7 @@ def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], pla
 def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, manifests: dict[int, Manifest]):
     """Record each finished shard in its layer's manifest as it arrives (the manifest is the commit point)."""
     t0, docs, tokens, nbytes, shards = time.perf_counter(), 0, 0, 0, 0
+    encoding = writing = 0.0  # the actors' own seconds: forward passes (per shard), writes (per file)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in batch.to_pylist():
             m = manifests[r["cut_layer"]]
@@ -924,7 +926,12 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
                 shards += 1
                 docs += r["rows"]
                 tokens += r["tokens"]
+                encoding += r["seconds"]
             nbytes += r["bytes"]
+            writing += r["write_seconds"]
         dt = time.perf_counter() - t0
+        # Tokens/s while encoding against the end-to-end rate says where a slow build loses its time: in the
+        # encoder itself, or in starting and feeding it.
         _log(f"{shards}/{n_plans} shards, {docs:,} documents, {tokens:,} tokens, {tokens / dt:,.0f} tokens/s, "
-             f"{nbytes / 2**20:,.1f} MiB written, {dt:,.0f} s")
+             f"{nbytes / 2**20:,.1f} MiB written, {dt:,.0f} s (encoder: {tokens / max(encoding, 1e-9):,.0f} "
+             f"tokens/s over {encoding:,.1f} s of forward passes; writes {writing:,.1f} s)")

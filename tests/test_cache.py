@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -131,7 +132,12 @@ def test_rerun_encodes_nothing_and_grown_corpus_only_new(ray_local, corpus, tmp_
     assert "100 cached, 0 to encode in 0 shard(s)" in capfd.readouterr().err
     assert json.loads((tmp_path / "c/layer=3/manifest.json").read_text())["shards"] == before["shards"]
     build(path, tmp_path / "c", cut_layer=[3])  # the corpus grew by 60 documents
-    assert "100 cached, 60 to encode in 2 shard(s)" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "100 cached, 60 to encode in 2 shard(s)" in err
+    # Progress names the end-to-end rate and the encoder's own rate while it computes, from the actors' timings.
+    last = re.findall(r"2/2 shards, 60 documents, ([\d,]+) tokens, .* \(encoder: ([\d,]+) tokens/s over ([\d.]+) s "
+                      r"of forward passes; writes ([\d.]+) s\)", err)
+    assert last and int(last[-1][1].replace(",", "")) > 0 and float(last[-1][2]) > 0, err[-2000:]
     after = open_cache(tmp_path / "c", 3).manifest
     assert after.rows == N_DOCS
     assert all(s in after.shards for s in before["shards"])  # old shards untouched
