@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import encoders, tasks  # noqa: E402
+from er_ray import cache, encoders, tasks  # noqa: E402
 from er_ray.cache import CacheOptions, build_cache  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
-from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
+from machine import ProcessCpu, cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
 
 class PeakPSS:
@@ -96,28 +96,36 @@ def bare_forward(enc, texts, k, batch_size, max_length) -> dict:
     """One process, all cores: tokenize, bucket by length, run layers 1..k. What a user would write by hand."""
     torch.set_num_threads(os.cpu_count())
     lower = encoders.LowerEncoder(enc.model, k)
-    t0, ticks = time.perf_counter(), cpu_ticks()
-    ids = enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    tokens = 0
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            b = enc.tokenizer.pad({"input_ids": [ids[i] for i in order[s:s + batch_size]]}, return_tensors="pt")
-            lower(b["input_ids"], b["attention_mask"])
-            tokens += int(b["attention_mask"].sum())
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "steal": steal_fraction(ticks, cpu_ticks())}
+    with ProcessCpu() as cpu:
+        t0, ticks = time.perf_counter(), cpu_ticks()
+        ids = enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        tokens = 0
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                b = enc.tokenizer.pad({"input_ids": [ids[i] for i in order[s:s + batch_size]]}, return_tensors="pt")
+                lower(b["input_ids"], b["attention_mask"])
+                tokens += int(b["attention_mask"].sum())
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "steal": steal_fraction(ticks, cpu_ticks()), "cpu": cpu.result}
 
 
 def ray_build(corpus, out, model, layers, dtype, batch_size, max_length) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    with PeakPSS() as mem:
+    progress = []  # build_cache's progress lines, timed: when shards were committed, the encoder's own rate
+    log = cache._log
+    cache._log = lambda msg: (progress.append((round(time.perf_counter() - t0, 1), msg)), log(msg))
+    with PeakPSS() as mem, ProcessCpu() as cpu:
         t0, ticks = time.perf_counter(), cpu_ticks()
-        ms = build_cache(CacheOptions(corpus=[str(corpus)], output=str(out), model=model, cut_layer=layers,
-                                      dtype=dtype, batch_size=batch_size, max_length=max_length))
+        try:
+            ms = build_cache(CacheOptions(corpus=[str(corpus)], output=str(out), model=model, cut_layer=layers,
+                                          dtype=dtype, batch_size=batch_size, max_length=max_length))
+        finally:
+            cache._log = log
         seconds = time.perf_counter() - t0
     m = ms[max(layers)]
     return {"seconds": seconds, "steal": steal_fraction(ticks, cpu_ticks()), "tokens": m.real_tokens, "rows": m.rows,
-            "peak_pss_gib": mem.peak / 2**30, "truncated": m.truncated,
+            "peak_pss_gib": mem.peak / 2**30, "truncated": m.truncated, "cpu": cpu.result, "progress": progress,
             "bytes_per_token": {k: ms[k].bytes / ms[k].real_tokens for k in ms}}
 
 
