@@ -912,7 +912,9 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
     """Record each finished shard in its layer's manifest as it arrives (the manifest is the commit point)."""
     t0, docs, tokens, nbytes, shards = time.perf_counter(), 0, 0, 0, 0
     encoding = writing = 0.0  # the actors' own seconds: forward passes (per shard), writes (per file)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # prefetch_batches=0: with prefetching, Ray Data's iterator hands a block over only once the next one has
+    # arrived, so each shard was committed one actor call late (a kill then re-encoded a written shard).
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for r in batch.to_pylist():
             m = manifests[r["cut_layer"]]
             skipped = json.loads(r["skipped"])
