@@ -12,6 +12,7 @@ and conv): one `Architecture` subclass each, registered by `model_type`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -409,11 +410,23 @@ def weights_sha256(folder: Path) -> str:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{folder}: no *.safetensors weights (er_ray loads only safetensors, never pickles)")
+    # Hashing mpnet's weights takes ~1 s, and a driver asks several times (fingerprint, load, each run): once per
+    # process per file version. A file written again changes its ctime, which no user call can set back.
+    return _weights_sha256(tuple((str(f), _version(f)) for f in files))
+
+
+def _version(f: Path) -> tuple[int, int, int, int]:
+    st = f.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_sha256(files: tuple[tuple[str, tuple[int, int, int, int]], ...]) -> str:
     if len(files) == 1:
-        return assets.sha256_file(files[0])
+        return assets.sha256_file(Path(files[0][0]))
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + assets.sha256_file(f).encode())
+    for f, _ in files:
+        h.update(Path(f).name.encode() + assets.sha256_file(Path(f)).encode())
     return h.hexdigest()
 
 

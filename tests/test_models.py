@@ -1,5 +1,7 @@
 """The real packaged models: offline load, pinned checksums, and the exact split at every cut layer."""
 
+import os
+
 import pytest
 import torch
 
@@ -52,9 +54,12 @@ def test_tampered_weights_are_refused(tmp_path, monkeypatch):
     dst = tmp_path / "models" / "minilm"
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"
+    assert encoders.weights_sha256(dst) == SHA["minilm"]  # hashed once, and remembered for this process
+    before = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    weights.write_bytes(bytes(data))  # in place: same inode, same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: the memo must still see it
     with pytest.raises(encoders.ModelError, match="sha256 .* != the pinned"):
         encoders.load_encoder("minilm")
 
