@@ -380,6 +380,14 @@ class _LiveMetrics:
         self.dev.set(dev, tags=self.tags)
         self.epochs.set(epoch, tags=self.tags)
 
+    def final(self, metrics: dict) -> None:
+        """The finished run's dev metric and epochs, set again by the process that publishes the run. Trap: Ray
+        exports a process's metrics every few seconds, and a training worker exits soon after its last epoch, so
+        its last values could leave with it (seen: a dev metric never reached the dashboard)."""
+        if metrics.get("dev") is not None:
+            self.dev.set(metrics["dev"], tags=self.tags)
+        self.epochs.set(metrics["epochs_run"], tags=self.tags)
+
 
 def _finish(model, best_state, best_dev, evaluate, history, config, spec, enc, d: Path, rank: int,
             ds: dict) -> dict:
@@ -657,6 +665,7 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     metrics = publish_run(result.checkpoint, out)
     if metrics is None:
         raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
+    _LiveMetrics(config).final(metrics)
     _log(f"{plan['name']}: dev {metrics['metric']} {metrics['dev']:.4f}, test {metrics['test']}, "
          f"{metrics['seconds_per_epoch']:.1f} s/epoch -> {out}")
     return metrics
