@@ -18,9 +18,10 @@ process used per 1,000 tokens (threads that spin at OpenMP barriers show up ther
 - actor_passive: `actor` with OMP_WAIT_POLICY=PASSIVE (a thread that reaches a barrier first sleeps at once,
   instead of spinning a while; ACTIVE, spinning without end, is not a candidate: an idle actor then holds its
   cores, and it spoiled every other placement's reading here);
-- process_main_load (and <actor placement>_load): process_main while another process burns LOAD of one core in short bursts (1 ms busy,
-  then idle), standing in for what Ray's own processes take during a pipeline (driver, Ray Data's executor and
-  helper actors, raylet, GCS, dashboard: ~0.25 of a core in cache_throughput.py's CPU accounting).
+- process_main_load (and <actor placement>_load): process_main while another process burns LOAD of one core
+  in short bursts (1 ms busy, then idle), standing in for what Ray's own processes take during a pipeline
+  (driver, Ray Data's executor and helper actors, raylet, GCS, dashboard: ~0.25 of a core in
+  cache_throughput.py's CPU accounting).
 """
 
 from __future__ import annotations
@@ -34,25 +35,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import encoders, tasks  # noqa: E402
+from er_ray.batching import length_batches, pad_rows  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
 
-def make_batches(model: str, docs: int, batch_size: int, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    enc = encoders.load_encoder(model)
+def make_batches(tokenizer, docs: int, batch_size: int, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Length-sorted padded batches, made as er_ray makes them (`er_ray.batching`)."""
     texts = tasks.load_task("clothing_rating").documents().slice(0, docs).column("text").to_pylist()
-    ids = enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = []
-    for s in range(0, len(order), batch_size):
-        b = enc.tokenizer.pad({"input_ids": [ids[i] for i in order[s:s + batch_size]]}, return_tensors="pt")
-        out.append((b["input_ids"], b["attention_mask"]))
-    return out
+    ids = [np.asarray(x, np.int64) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    pad = tokenizer.pad_token_id or 0
+    return [tuple(map(torch.from_numpy, pad_rows([ids[i] for i in g], pad)))
+            for g in length_batches([len(x) for x in ids], batch_size)]
 
 
 class Runner:
@@ -60,8 +60,8 @@ class Runner:
 
     def __init__(self, model: str, threads: int):
         torch.set_num_threads(threads)
-        enc = encoders.load_encoder(model)
-        self.lower = encoders.LowerEncoder(enc.model, enc.num_layers // 2)
+        self.enc = encoders.load_encoder(model)
+        self.lower = encoders.LowerEncoder(self.enc.model, self.enc.num_layers // 2)
 
     def run(self, batches) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -120,10 +120,10 @@ def main():
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     cores = os.cpu_count()
-    batches = make_batches(a.model, a.docs, a.batch_size, a.max_length)
+    here = Runner(a.model, cores)
+    batches = make_batches(here.enc.tokenizer, a.docs, a.batch_size, a.max_length)
     connect()
     ref = ray.put(batches)
-    here = Runner(a.model, cores)
     # num_cpus=0.5 so that three actors fit on two CPUs; Ray sets OMP_NUM_THREADS=1 for it as for num_cpus=1.
     remote = ray.remote(num_cpus=0.5)(Runner)
     # One placement at a time: only the measured one holds the cores (the others are created and then idle).
