@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import cache, encoders, tasks  # noqa: E402
 from er_ray.cache import CacheOptions, build_cache  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
-from machine import ProcessCpu, cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
+from machine import ProcessCpu, cpu_ticks, process_tree, steal_fraction  # noqa: E402  (bench/machine.py)
 
 
 class PeakPSS:
@@ -48,9 +48,8 @@ class PeakPSS:
     def _tree_pss(self):
         # /proc/<pid>/smaps_rollup, one line: psutil's memory_full_info() parses far more and, sampled over
         # Ray's ~20 processes, took most of a core away from the run being measured.
-        me = psutil.Process()
         total = 0
-        for p in [me, *me.children(recursive=True)]:
+        for p in process_tree():
             try:
                 with open(f"/proc/{p.pid}/smaps_rollup") as f:
                     for line in f:

@@ -15,6 +15,12 @@ def steal_fraction(before, after) -> float:
     return (after.steal - before.steal) / total if total else 0.0
 
 
+def process_tree() -> list[psutil.Process]:
+    """This process and all its descendants: the driver, and under a local Ray its raylet, GCS and workers."""
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
 class ProcessCpu:
     """CPU seconds used during an interval by this process and each of its descendants (Ray's raylet, GCS,
     dashboard and workers), grouped by what the process was, with the machine's idle and steal time next to them:
@@ -37,8 +43,7 @@ class ProcessCpu:
         return name
 
     def _sample(self):
-        me = psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
+        for p in process_tree():
             try:
                 t = p.cpu_times()
                 label = self._label(p)
