@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow `FileSystem.type_name`s without an atomic rename
+_TORN_READ_RETRIES = 20
 
 
 def is_local(location: str | os.PathLike) -> bool:
@@ -109,10 +110,20 @@ def listdir(location: str | os.PathLike) -> list[str]:
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
-    """A whole file's bytes; FileNotFoundError if there is none."""
+    """A whole file's bytes; FileNotFoundError if there is none. Never a torn read of a file being replaced."""
     fs, path = resolve(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    if fs.type_name not in _OBJECT_STORES:  # a rename replaces a file whole; an open file keeps its old bytes
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    # Trap: pyarrow reads an object as a HEAD (its size) and then ranged GETs of that many bytes. An object
+    # replaced in between (a manifest committing its next shard) comes back as the first `old size` bytes of
+    # the new version. Read again while the size found after the read differs from the bytes read.
+    for _ in range(_TORN_READ_RETRIES):
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+        if fs.get_file_info(path).size == len(data):
+            return data
+    raise OSError(f"{location}: changed while being read, {_TORN_READ_RETRIES} times in a row")
 
 
 def write_bytes(location: str | os.PathLike, data) -> None:

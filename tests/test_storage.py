@@ -101,6 +101,38 @@ def test_storage_api(s3, tmp_path, where):
     assert (path, fs) == ((root, None) if where == "local" else ("caches/api", storage.resolve(root)[0]))
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_file_read_while_it_is_replaced_comes_back_whole(s3, tmp_path, where):
+    """A manifest is rewritten at every commit while others read it (a poller, `cache verify`). pyarrow reads an
+    object as a HEAD and then a GET of that many bytes; without a check, an object replaced in between came back
+    as the new version cut to the old size (308 of 1,500 reads torn here, and a failed CI run)."""
+    import json
+    import threading
+
+    f = storage.join(str(tmp_path) if where == "local" else storage.join(s3, "torn"), "m.json")
+    versions = [{"shards": list(range(n))} for n in range(0, 60, 3)]  # grows, then shrinks back to the first
+    storage.write_json(f, versions[0])
+    stop = threading.Event()
+
+    def rewrite():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            storage.write_json(f, versions[i % len(versions)])
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    seen, t0 = [], time.time()
+    try:
+        while time.time() - t0 < 4:
+            seen.append(json.loads(storage.read_bytes(f)))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(seen) > 50 and all(v in versions for v in seen)
+    assert len({len(v["shards"]) for v in seen}) > 3  # the reads did meet different versions
+
+
 def test_cache_on_s3_equals_the_local_cache(ray_local, s3, corpus, local_cache):
     root = storage.join(s3, "full")
     build_cache(CacheOptions(corpus=[str(corpus)], output=root, **OPTS))
