@@ -15,7 +15,8 @@ Writes are atomic where the filesystem allows: on a local disk (and HDFS) a temp
 then a rename; on object stores (S3, GCS, Azure) one upload straight to the final name, which readers see whole
 or not at all (there is no rename there). A writer that dies mid-upload can leave an object nobody committed:
 a format built on this names its committed files in a manifest written last (as the cache does) and ignores
-or removes the rest.
+or removes the rest. `read_bytes` checks that an object did not change under it (pyarrow reads one in two
+requests), so a reader polling a manifest never sees half of one.
 
     fs, path = resolve(location)          # a pyarrow FileSystem and the path on it (for pyarrow / Ray Data calls)
     join(location, "a", "b.json")         # child location, query kept
