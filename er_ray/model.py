@@ -58,12 +58,15 @@ class ModelSpec:
 
 
 class Bottleneck(nn.Module):
-    """x + up(gelu(down(x))), up initialised to zero: the adapted model starts as the pretrained one."""
+    """x + up(gelu(down(x))), up initialised to zero: the adapted model starts as the pretrained one.
+
+    `down` keeps nn.Linear's kaiming-uniform init, as PEFT's LoRA A does. Trap: a near-zero `down` as well (we had
+    std 1e-3) starts at a saddle: up's gradient is scaled by down's tiny outputs and down's gradient is zero until
+    up grows, so the adapter learned as if at a far lower learning rate."""
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.down, self.up, self.act = nn.Linear(hidden, width), nn.Linear(width, hidden), nn.GELU()
-        nn.init.normal_(self.down.weight, std=1e-3)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
