@@ -1,0 +1,44 @@
+"""A built-in task cut to its first N rows per split, as a task spec (YAML + Parquet) that every er_ray command takes.
+
+    .venv/bin/python bench/subset_task.py clothing_department --train 3000 --dev 500 --test 1000 --out /tmp/mpc
+    # -> /tmp/mpc/clothing_department_4500.yaml (corpus `clothing_4500`: its own, smaller cache)
+
+For benchmarks of the big model, where evaluating the whole dev and test splits every run would cost more than the
+training being measured. The splits are taken as stored (prepared shuffled), so the first rows are a fair sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from er_ray import tasks  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task")
+    for split in ("train", "dev", "test"):
+        ap.add_argument(f"--{split}", type=int, required=True, help=f"first rows of the {split} split")
+    ap.add_argument("--out", required=True, help="folder for the spec and its Parquet file")
+    a = ap.parse_args()
+    task = tasks.load_task(a.task)
+    sizes = {"train": a.train, "dev": a.dev, "test": a.test}
+    rows = [r | {"split": s} for s, n in sizes.items() for r in task.splits[s].slice(0, n).to_pylist()]
+    name, corpus = f"{task.spec.name}_{len(rows)}", f"{task.spec.corpus}_{len(rows)}"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
+    (out / f"{name}.yaml").write_text(
+        f"name: {name}\nfiles: {name}.parquet\ncorpus: {corpus}\ntype: {task.spec.type}\n"
+        f"description: \"{a.task}, first {a.train} train / {a.dev} dev / {a.test} test rows (a benchmark subset)\"\n")
+    print(out / f"{name}.yaml", tasks.load_task(out / f"{name}.yaml").sizes())
+
+
+if __name__ == "__main__":
+    main()
