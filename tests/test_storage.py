@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,9 +107,6 @@ def test_a_file_read_while_it_is_replaced_comes_back_whole(s3, tmp_path, where):
     """A manifest is rewritten at every commit while others read it (a poller, `cache verify`). pyarrow reads an
     object as a HEAD and then a GET of that many bytes; without a check, an object replaced in between came back
     as the new version cut to the old size (308 of 1,500 reads torn here, and a failed CI run)."""
-    import json
-    import threading
-
     f = storage.join(str(tmp_path) if where == "local" else storage.join(s3, "torn"), "m.json")
     versions = [{"shards": list(range(n))} for n in range(0, 60, 3)]  # grows, then shrinks back to the first
     storage.write_json(f, versions[0])
@@ -125,7 +123,7 @@ def test_a_file_read_while_it_is_replaced_comes_back_whole(s3, tmp_path, where):
     seen, t0 = [], time.time()
     try:
         while time.time() - t0 < 4:
-            seen.append(json.loads(storage.read_bytes(f)))
+            seen.append(storage.read_json(f))
     finally:
         stop.set()
         writer.join()
