@@ -10,11 +10,13 @@ training being measured. The splits are taken as stored (prepared shuffled), so 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml  # ray depends on PyYAML
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray import tasks  # noqa: E402
@@ -30,13 +32,14 @@ def main():
     task = tasks.load_task(a.task)
     sizes = {"train": a.train, "dev": a.dev, "test": a.test}
     rows = [r | {"split": s} for s, n in sizes.items() for r in task.splits[s].slice(0, n).to_pylist()]
-    name, corpus = f"{task.spec.name}_{len(rows)}", f"{task.spec.corpus}_{len(rows)}"
+    name = f"{task.spec.name}_{len(rows)}"
+    spec = dataclasses.replace(task.spec, name=name, files=f"{name}.parquet", corpus=f"{task.spec.corpus}_{len(rows)}",
+                               description=f"{a.task}, first {a.train} train / {a.dev} dev / {a.test} test rows "
+                                           "(a benchmark subset)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
-    (out / f"{name}.yaml").write_text(
-        f"name: {name}\nfiles: {name}.parquet\ncorpus: {corpus}\ntype: {task.spec.type}\n"
-        f"description: \"{a.task}, first {a.train} train / {a.dev} dev / {a.test} test rows (a benchmark subset)\"\n")
+    pq.write_table(pa.Table.from_pylist(rows), out / spec.files)
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(tasks.spec_dict(spec), sort_keys=False))
     print(out / f"{name}.yaml", tasks.load_task(out / f"{name}.yaml").sizes())
 
 

@@ -90,7 +90,7 @@ def main():
               "max_length": a.max_length, "max_train_examples": a.max_train_examples, "seeds": seeds, "tasks": {}}
     for name in tasks_:
         task = tasks.load_task(name)
-        out = Path(a.work) / f"{a.model}-{name}"
+        out = Path(a.work) / f"{a.model}-{task.spec.name}"  # a spec path names its task too
         cache_dir = out / "cache"
         t0 = time.perf_counter()
         cache.build_cache(cache.CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
