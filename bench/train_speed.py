@@ -73,7 +73,10 @@ def main():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-train-examples", type=int, default=None)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, in order (built in: {', '.join(ARMS)})")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
+                    help='an extra arm for --arms: TrainOptions overrides as JSON, e.g. '
+                         'lora32=\'{"adapter": "lora", "adapter_size": 32}\'')
     ap.add_argument("--inference-repeats", type=int, default=7, help="alternating timed passes per side")
     ap.add_argument("--work", default="/tmp/er_ray_train_bench")
     ap.add_argument("--out", default="bench/results")
@@ -82,7 +85,12 @@ def main():
         ap.error("--inference-repeats must be at least 1")
     tasks_ = a.task or ["trec", "clothing_department"]
     seeds = [int(s) for s in a.seeds.split(",")]
+    for d in a.define:
+        arm_name, _, overrides = d.partition("=")
+        ARMS[arm_name] = json.loads(overrides)
     arms = a.arms.split(",")
+    if unknown := [arm for arm in arms if arm not in ARMS]:
+        ap.error(f"unknown arms {unknown}: built in are {list(ARMS)}; define more with --define")
     connect()
     fp = encoders.fingerprint(a.model, a.max_length)
     k = fp["num_layers"] // 2
@@ -96,7 +104,8 @@ def main():
         cache.build_cache(cache.CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
                                              max_length=a.max_length))
         cache_s = time.perf_counter() - t0
-        res: dict = {"cache_build_seconds": cache_s, "documents": sum(task.sizes().values()), "arms": {}}
+        res: dict = {"arm_options": {arm: ARMS[arm] for arm in arms}, "cache_build_seconds": cache_s,
+                     "documents": sum(task.sizes().values()), "arms": {}}
         for arm in arms:
             runs = []
             for seed in seeds:
