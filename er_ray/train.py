@@ -556,7 +556,9 @@ def _corpus_file(task) -> str:
 
 
 def _default_name(opts: TrainOptions, task: str) -> str:
-    """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0."""
+    """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0. A learning rate
+    other than the adapter's default is in the name: runs that differ only in it would otherwise share a folder,
+    and the second would replace the first."""
     k = opts.cut_layer
     if k is None:
         from .encoders import fingerprint
@@ -564,7 +566,8 @@ def _default_name(opts: TrainOptions, task: str) -> str:
         k = fingerprint(opts.model, opts.max_length)["num_layers"] // 2
     kind = "finetune" if opts.full_finetune else f"k{k}-{opts.adapter}" + \
         ("" if opts.adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
-    return f"{task}-{kind}-s{opts.seed}"
+    lr = "" if opts.lr == DEFAULT_LR[opts.adapter] else f"-lr{opts.lr:g}"
+    return f"{task}-{kind}{lr}-s{opts.seed}"
 
 
 def _run_layout(opts: TrainOptions, task_name: str):

@@ -14,7 +14,7 @@ import torch
 from conftest import all_cpus_free
 
 from er_ray import predict, tasks
-from er_ray.train import TrainOptions, bio_spans, f1, span_counts, train
+from er_ray.train import TrainOptions, _default_name, bio_spans, f1, span_counts, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 FAST = dict(epochs=2, batch_size=32, max_length=64, max_train_examples=1200)
@@ -106,6 +106,15 @@ def test_wnut16_reports_span_f1(ray_local, out):
     assert m["metric"] == "span_f1" and 0.0 <= m["test"] <= 1.0
     assert "token_accuracy" in m["test_all"] and m["test_all"]["token_accuracy"] > 0.85  # mostly O tags
     assert m["dev"] > 0.0  # finds some entities after two epochs
+
+
+def test_runs_that_differ_in_learning_rate_get_their_own_folders():
+    base = dict(task=["trec"], cut_layer=3, output="unused")
+    names = {_default_name(TrainOptions(**base, **o), "trec") for o in
+             (dict(), dict(learning_rate=1e-3), dict(learning_rate=2e-3), dict(adapter_size=8),
+              dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
+    assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.002-s0", "trec-k3-lora8-s0",  # 1e-3 is the default
+                     "trec-finetune-s0", "trec-finetune-lr3e-05-s0"}
 
 
 def test_span_f1_follows_seqeval():
