@@ -14,6 +14,7 @@ cache, same batch size, in one process (tokenizing and cache decoding included),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -85,11 +86,23 @@ def main():
         ap.error("--inference-repeats must be at least 1")
     tasks_ = a.task or ["trec", "clothing_department"]
     seeds = [int(s) for s in a.seeds.split(",")]
-    for d in a.define:
-        arm_name, _, overrides = d.partition("=")
-        ARMS[arm_name] = json.loads(overrides)
+    arm_options = dict(ARMS)
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {  # the ones the benchmark sets for every arm
+        "task", "model", "output", "cache", "epochs", "patience", "batch_size", "seed", "max_length",
+        "max_train_examples"}
+    for d in a.define:  # checked here, not when the arm's first run starts after the cache is built
+        arm_name, eq, text = d.partition("=")
+        try:
+            overrides = json.loads(text) if eq and arm_name else None
+        except json.JSONDecodeError as e:
+            ap.error(f"--define {d!r}: the options are not JSON ({e})")
+        if not isinstance(overrides, dict):
+            ap.error(f"--define {d!r}: write NAME={{...}}, a JSON object of TrainOptions fields")
+        if bad := sorted(set(overrides) - fields):
+            ap.error(f"--define {arm_name}: {bad} are not options an arm may set ({', '.join(sorted(fields))})")
+        arm_options[arm_name] = overrides
     arms = a.arms.split(",")
-    if unknown := [arm for arm in arms if arm not in ARMS]:
+    if unknown := [arm for arm in arms if arm not in arm_options]:
         ap.error(f"unknown arms {unknown}: built in are {list(ARMS)}; define more with --define")
     connect()
     fp = encoders.fingerprint(a.model, a.max_length)
@@ -104,7 +117,7 @@ def main():
         cache.build_cache(cache.CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
                                              max_length=a.max_length))
         cache_s = time.perf_counter() - t0
-        res: dict = {"arm_options": {arm: ARMS[arm] for arm in arms}, "cache_build_seconds": cache_s,
+        res: dict = {"arm_options": {arm: arm_options[arm] for arm in arms}, "cache_build_seconds": cache_s,
                      "documents": sum(task.sizes().values()), "arms": {}}
         for arm in arms:
             runs = []
@@ -112,7 +125,7 @@ def main():
                 opts = TrainOptions(task=[name], model=a.model, output=str(out), cache=str(cache_dir),
                                     epochs=a.epochs, patience=a.epochs, batch_size=a.batch_size, seed=seed,
                                     max_length=a.max_length, max_train_examples=a.max_train_examples,
-                                    **ARMS[arm])
+                                    **arm_options[arm])
                 ticks = cpu_ticks()
                 m = train(opts)[0]
                 runs.append({k2: m[k2] for k2 in ("dev", "test", "seconds_per_epoch", "examples_per_second",
