@@ -120,15 +120,16 @@ def test_a_file_read_while_it_is_replaced_comes_back_whole(s3, tmp_path, where):
 
     writer = threading.Thread(target=rewrite, daemon=True)
     writer.start()
+    # Count reads, not seconds: a loaded CI machine managed only 30 S3 reads in 4 s (a failed run).
     seen, t0 = [], time.time()
     try:
-        while time.time() - t0 < 4:
+        while (len(seen) < 100 or len({len(v["shards"]) for v in seen}) < 4) and time.time() - t0 < 120:
             seen.append(storage.read_json(f))
     finally:
         stop.set()
         writer.join()
-    assert len(seen) > 50 and all(v in versions for v in seen)
-    assert len({len(v["shards"]) for v in seen}) > 3  # the reads did meet different versions
+    assert all(v in versions for v in seen)
+    assert len(seen) >= 100 and len({len(v["shards"]) for v in seen}) >= 4  # the reads did meet the rewrites
 
 
 def test_cache_on_s3_equals_the_local_cache(ray_local, s3, corpus, local_cache):
