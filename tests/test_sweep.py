@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from er_ray.study import choose
 from er_ray.sweep import SweepOptions, pareto_front, sweep
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
@@ -79,3 +81,23 @@ def test_pareto_front():
     # (cost, score): the front keeps what nothing cheaper beats
     pts = [(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.9), (0.5, 0.1)]
     assert pareto_front(pts) == [5, 0, 2, 4]
+
+
+def test_the_study_reports_k_half_when_asha_stopped_every_trial_there():
+    """The rows of a real sweep (MiniLM, sms_spam, 2026-11-27): ASHA stopped both trials at k = L/2 = 3 after an
+    epoch because k = 2 won; the study crashed. k = L/2 must still be trained and reported."""
+    def trial(k, status, dev, size=16):
+        return {"task": "sms_spam", "cut_layer": k, "adapter_size": size, "status": status, "dev": dev}
+
+    trials = [trial(2, "done", 0.9814), trial(3, "stopped", 0.9793), trial(3, "stopped", 0.9801, size=8),
+              trial(4, "stopped", 0.9793), trial(4, "error", None), {**trial(2, "done", 0.99), "task": "trec"}]
+    chosen = choose(trials, "sms_spam", half=3, model="minilm")
+    assert chosen["recycled best"] == trials[0]
+    assert chosen["recycled k=L/2"] == trials[2]  # the better dev score among the stopped ones
+    # a finished trial at L/2 beats a stopped one with a higher (one-epoch) score: ASHA judged them
+    chosen = choose(trials + [trial(3, "done", 0.97)], "sms_spam", half=3, model="minilm")
+    assert chosen["recycled k=L/2"]["status"] == "done"
+    with pytest.raises(RuntimeError, match="no trial at k = L/2 = 3"):
+        choose([t for t in trials if t["cut_layer"] != 3], "sms_spam", half=3, model="minilm")
+    with pytest.raises(RuntimeError, match="finished no trial"):
+        choose([t for t in trials if t["status"] != "done"], "sms_spam", half=3, model="minilm")
