@@ -150,7 +150,8 @@ def _cache_cost(path: str, sw: dict[str, Any]) -> dict[str, Any]:
     """The cache's build time, kept from the run that built it (a resumed study finds its caches built)."""
     if storage.exists(path):
         return storage.read_json(path)
-    cost = {"seconds": sw["cache_seconds"], "corpora": sorted(sw["caches"])}
+    cost = {"seconds": sw["cache_seconds"], "corpora": sorted(sw["caches"]),
+            "seconds_per_corpus": sw["cache_seconds_per_corpus"]}
     storage.write_bytes(path, json.dumps(cost).encode())
     return cost
 
@@ -164,7 +165,9 @@ def summarise(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]]) -> 
         tasks = list(dict.fromkeys(r["task"] for r in mine))
         corpora = {r["task"]: r["corpus"] for r in mine}
         sharing = {c: sum(1 for t in tasks if corpora[t] == c) for c in corpora.values()}
-        per_corpus_s = caches[model]["seconds"] / max(len(caches[model]["corpora"]), 1)
+        # Each corpus's own build time (a cache.json from before it was recorded: an equal share of the total)
+        per_corpus = caches[model].get("seconds_per_corpus") or \
+            {c: caches[model]["seconds"] / max(len(caches[model]["corpora"]), 1) for c in caches[model]["corpora"]}
         for task in tasks:
             row: dict[str, Any] = {"model": model, "task": task}
             ft_epoch = None
@@ -182,7 +185,7 @@ def summarise(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]]) -> 
                         r = rs[0]
                         row[f"{v} config"] = f"k={r['cut_layer']} {r['adapter']}" + \
                             ("" if r["adapter"] == "full" else f" {r['adapter_size']}") + f" lr {r['learning_rate']:g}"
-            cache_s = per_corpus_s / sharing[corpora[task]]
+            cache_s = per_corpus[corpora[task]] / sharing[corpora[task]]
             row["cache s per task"] = cache_s
             row["cache cost (finetune epochs)"] = cache_s / ft_epoch if ft_epoch else None
             rows.append(row)
