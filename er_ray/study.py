@@ -238,21 +238,28 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
 
 
 def plot_study(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """Per model: test score of each variant per task (bars, seed spread as error bars)."""
+    """Per model, accuracy and time side by side: each variant's test score per task (seed spread as error bars)
+    above its seconds per training epoch (the speed-up over fine-tuning written on the recycled bars)."""
     from .report import figure, save_figure
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for model in dict.fromkeys(s["model"] for s in summary):
         mine = [s for s in summary if s["model"] == model]
-        fig, ax = figure(size=(max(5, 1.6 * len(mine)), 4))
+        fig, (score, cost) = figure(2, 1, size=(max(5, 1.6 * len(mine)), 7))
         width = 0.8 / len(VARIANTS)
         for j, v in enumerate(VARIANTS):
             xs = [i + (j - 1) * width for i in range(len(mine))]
-            ax.bar(xs, [s[f"{v} test"] or 0 for s in mine], width, yerr=[s[f"{v} sd"] or 0 for s in mine],
-                   label=v, capsize=3)
-        ax.set_xticks(range(len(mine)), [s["task"] for s in mine], rotation=20)
-        ax.set(ylabel="test score", title=f"{model}: fine-tuning against recycled", ylim=(0, 1))
-        ax.legend(fontsize=8)
+            score.bar(xs, [s[f"{v} test"] or 0 for s in mine], width, yerr=[s[f"{v} sd"] or 0 for s in mine],
+                      label=v, capsize=3)
+            bars = cost.bar(xs, [s[f"{v} s/epoch"] or 0 for s in mine], width, label=v)
+            if v != "finetune":
+                cost.bar_label(bars, [f"{s[f'{v} speedup']:.1f}x" if s.get(f"{v} speedup") else "" for s in mine],
+                               fontsize=7)
+        for ax in (score, cost):
+            ax.set_xticks(range(len(mine)), [s["task"] for s in mine], rotation=20)
+        score.set(ylabel="test score", title=f"{model}: fine-tuning against recycled", ylim=(0, 1))
+        cost.set(ylabel="seconds per training epoch")
+        score.legend(fontsize=8)
         written.append(save_figure(fig, folder / f"{model}-study.png"))
     return written
