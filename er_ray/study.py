@@ -73,7 +73,7 @@ def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # one seed: no spread
 
 
 def study(opts: StudyOptions) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def summarise(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]]) -> 
 def _fmt(mean: float | None, sd: float | None) -> str:
     if mean is None:
         return ""
-    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd else "")
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")  # seeds that agree show ± 0.0000
 
 
 def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], opts: StudyOptions,

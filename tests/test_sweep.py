@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from er_ray.study import choose, summarise
+from er_ray.study import _fmt, choose, summarise
 from er_ray.sweep import SweepOptions, pareto_front, sweep
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
@@ -119,6 +119,9 @@ def test_the_study_charges_each_corpus_its_own_cache_time_shared_by_its_tasks():
     assert rows["trec"]["cache s per task"] == 20.0 and rows["trec"]["cache cost (finetune epochs)"] == 1.0
     assert rows["rating"]["cache s per task"] == rows["department"]["cache s per task"] == 65.0
     assert rows["rating"]["recycled k=L/2 speedup"] == 4.0
+    assert rows["trec"]["finetune sd"] is None and _fmt(0.9, None) == "0.9000"  # one seed: no spread to show
+    two = summarise(runs + [dict(r, seed=1) for r in runs], caches)  # seeds that agree: a spread of 0, shown
+    assert two[0]["finetune sd"] == 0.0 and _fmt(0.9, 0.0) == "0.9000 ± 0.0000"
     old = {"minilm": {"seconds": 150.0, "corpora": ["clothing", "trec"]}}  # a cache.json written before
     assert {r["task"]: r["cache s per task"] for r in summarise(runs, old)} == \
         {"trec": 75.0, "rating": 37.5, "department": 37.5}
