@@ -281,7 +281,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
                                            .encode()).hexdigest()[:10]
     param_space = {"trial": tune.grid_search(trials)}
     experiment = f"{tune_path}/{tune_name}"
-    if tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
+    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
+    if resumed:
         _log("resuming the sweep found in " + storage.join(out, "tune", tune_name))
         tuner = tune.Tuner.restore(experiment, trainable, param_space=param_space, resume_errored=True,
                                    storage_filesystem=tune_fs)
@@ -295,7 +296,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     grid_result = tuner.fit()
     sweep_seconds = time.perf_counter() - t0
     rows = collect(grid_result, out, fp["model"])
-    best = write_sweep(rows, out, cache_seconds=cache_seconds, sweep_seconds=sweep_seconds)
+    best = write_sweep(rows, out, cache_seconds=cache_seconds, sweep_seconds=sweep_seconds, resumed=resumed)
     return {"trials": rows, "best": best, "caches": caches, "cache_seconds": cache_seconds,
             "cache_seconds_per_corpus": corpus_seconds, "sweep_seconds": sweep_seconds}
 
@@ -354,7 +355,8 @@ def best_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [best[t] for t in sorted(best)]
 
 
-def write_sweep(rows: list[dict[str, Any]], out: str, cache_seconds: float, sweep_seconds: float) -> list[dict]:
+def write_sweep(rows: list[dict[str, Any]], out: str, cache_seconds: float, sweep_seconds: float,
+                resumed: bool = False) -> list[dict]:
     import pyarrow as pa
 
     from .report import format_table
@@ -368,7 +370,10 @@ def write_sweep(rows: list[dict[str, Any]], out: str, cache_seconds: float, swee
     cols = ["task", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate", "dev", "test",
             "train_seconds", "trainable_parameters"]
     md = [f"# Sweep: {len(rows)} trials", "",
-          f"Caches ready in {cache_seconds:.0f} s (built, extended or found built); "
+          # Trap: a resumed sweep rewrites this file; its times are the resume's, not the sweep's (seen: "trials
+          # ran in 35 s" over a sweep that took 895 s). Say so rather than pass them off as the whole.
+          ("Resumed: trials finished before were read, not run; this run's times only. " if resumed else "")
+          + f"Caches ready in {cache_seconds:.0f} s (built, extended or found built); "
           f"trials ran in {sweep_seconds:.0f} s.", "",
           "## Best per task (chosen on dev, reported on test)", "", format_table(best, cols, markdown=True), "",
           "## Every trial", "", format_table(table, SWEEP_COLUMNS, markdown=True), "", "## Plots", ""]

@@ -71,6 +71,7 @@ def test_sweep_killed_and_resumed_builds_caches_once_and_reports(ray_local, tmp_
     best = result["best"]
     assert len(best) == 1 and best[0]["dev"] == max(r["dev"] for r in rows)
     assert best[0]["trial"] in (out / "sweep.md").read_text()
+    assert "Resumed: trials finished before were read" in (out / "sweep.md").read_text()  # its times are the resume's
     pngs = sorted((out / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["trec-dev-vs-k.png", "trec-pareto.png"]
     for p in pngs:
