@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/subset_task.py clothing_department --train 3000 --dev 500 --test 1000 --out /tmp/mpc
     # -> /tmp/mpc/clothing_department_4500.yaml (corpus `clothing_4500`: its own, smaller cache)
+    .venv/bin/python bench/subset_task.py clothing_rating --train 1000 --dev 400 --test 800 --corpus clothing_sub \
+        --out /tmp/sub    # tasks over one corpus given one --corpus name share one cache (the union of their rows)
 
 For benchmarks of the big model, where evaluating the whole dev and test splits every run would cost more than the
 training being measured. The splits are taken as stored (prepared shuffled), so the first rows are a fair sample.
@@ -28,12 +30,14 @@ def main():
     for split in ("train", "dev", "test"):
         ap.add_argument(f"--{split}", type=int, required=True, help=f"first rows of the {split} split")
     ap.add_argument("--out", required=True, help="folder for the spec and its Parquet file")
+    ap.add_argument("--corpus", help="the subset's corpus name (default: CORPUS_ROWS); give tasks over one corpus "
+                                     "the same name to share one cache, which then holds the union of their rows")
     a = ap.parse_args()
     task = tasks.load_task(a.task)
     sizes = {"train": a.train, "dev": a.dev, "test": a.test}
     rows = [r | {"split": s} for s, n in sizes.items() for r in task.splits[s].slice(0, n).to_pylist()]
     name = f"{task.spec.name}_{len(rows)}"
-    spec = dataclasses.replace(task.spec, name=name, files=f"{name}.parquet", corpus=f"{task.spec.corpus}_{len(rows)}",
+    spec = dataclasses.replace(task.spec, name=name, files=f"{name}.parquet", corpus=a.corpus or f"{task.spec.corpus}_{len(rows)}",
                                description=f"{a.task}, first {a.train} train / {a.dev} dev / {a.test} test rows "
                                            "(a benchmark subset)")
     out = Path(a.out)
