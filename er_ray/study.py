@@ -225,7 +225,11 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
           + (f", at most {opts.max_train_examples} training examples" if opts.max_train_examples else "") + ".",
           "", "Test scores are the mean (± standard deviation) over seeds of the epoch chosen on dev. Speed-up is "
           "fine-tuning's seconds per epoch over the recycled model's. The cache is built once per corpus and model; "
-          "its cost is shared by the tasks over that corpus, in epochs of fine-tuning.", "",
+          "its cost is shared by the tasks over that corpus, in epochs of fine-tuning."
+          # Trap: the study times only what its sweep encoded; a cache built elsewhere would look free.
+          + (f" The caches came from {opts.caches} (--caches): a corpus already cached there is charged only the "
+             "time this study took to check or extend its cache, not what building it cost." if opts.caches else ""),
+          "",
           f"**The paper's headline**: {PAPER}", "", format_table(table, list(table[0]) if table else [], markdown=True),
           "", "Per-task sweeps (every trial, plots of the metric against k and against cost): "
           + ", ".join(f"[{m}]({m}/sweep/sweep.md)" for m in opts.model) + ".", ""]

@@ -368,6 +368,7 @@ def test_study_job_writes_a_report_from_its_runs_and_resumes(head, out, swept):
     assert f"{ft['seconds_per_epoch'] / rec['seconds_per_epoch']:.2f}x" in report
     assert (d / "plots" / "minilm-study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (d / "caches").exists()  # nothing encoded again: the sweep's cache served
+    assert f"The caches came from {swept} (--caches)" in report  # so their near-zero cost is not taken as theirs
     # submitted again: every finished run is read, nothing is trained again
     before = {p: p.stat().st_mtime_ns for p in (d / "minilm").rglob("metrics.json")}
     submit(head, "study.py", args)

@@ -126,3 +126,35 @@ def test_the_study_charges_each_corpus_its_own_cache_time_shared_by_its_tasks():
     old = {"minilm": {"seconds": 150.0, "corpora": ["clothing", "trec"]}}  # a cache.json written before
     assert {r["task"]: r["cache s per task"] for r in summarise(runs, old)} == \
         {"trec": 75.0, "rating": 37.5, "department": 37.5}
+
+
+def test_a_sweep_caches_every_task_of_a_shared_corpus_not_only_the_first(ray_local, tmp_path):
+    """Two task specs name one corpus but hold different documents (as subsets of the clothing tasks do): the
+    sweep built the cache from the first task's file only, and the second task's trials had no activations."""
+    import pyarrow as pa
+
+    from er_ray import cache, tasks
+
+    trec = tasks.load_task("trec")
+    specs, ids = [], set()
+    for i, name in enumerate(("trec_a", "trec_b")):
+        train = trec.splits["train"].slice(96 * i, 96).to_pylist()
+        seen = {r["label"] for r in train}
+        rows = [r | {"split": "train"} for r in train]
+        for split in ("dev", "test"):
+            rows += [r | {"split": split} for r in trec.splits[split].slice(40 * i, 40).to_pylist()
+                     if r["label"] in seen]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        (tmp_path / f"{name}.yaml").write_text(f"name: {name}\nfiles: {name}.parquet\ncorpus: trec_shared\n")
+        specs.append(str(tmp_path / f"{name}.yaml"))
+        ids |= {r["id"] for r in rows}
+    out = tmp_path / "sweep"
+    result = sweep(SweepOptions(task=specs, cut_layer=[3], adapter_size=[4], learning_rate=[2e-3], epochs=1,
+                                max_train_examples=64, max_length=32, batch_size=16, scheduler="fifo",
+                                output=str(out)))
+    rows = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert sorted((r["task"], r["status"]) for r in rows) == [("trec_a", "done"), ("trec_b", "done")], rows
+    root = out / "caches" / "trec_shared-minilm-32"
+    assert set(cache.open_cache(root, 3).ids()) == ids  # one cache holds both tasks' documents
+    assert cache.verify(root) == []
+    assert list(result["cache_seconds_per_corpus"]) == ["trec_shared"]
