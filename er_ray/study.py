@@ -84,6 +84,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
     out = storage.absolute(opts.output)
     runs: list[dict[str, Any]] = []
     caches: dict[str, dict[str, Any]] = {}
+    loaded = {t: tasks.load_task(t) for t in opts.task}  # read once: names and corpora of built-ins or spec files
     for model in opts.model:
         fp = encoders.fingerprint(model, opts.max_length)
         half = fp["num_layers"] // 2
@@ -96,7 +97,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
                                 batch_size=opts.batch_size, max_length=opts.max_length,
                                 max_train_examples=opts.max_train_examples, seed=opts.seed[0]))
         caches[model] = _cache_cost(storage.join(out, model, "cache.json"), sw)
-        chosen = {task: choose(sw["trials"], tasks.load_task(task).name, half, model) for task in opts.task}
+        chosen = {task: choose(sw["trials"], loaded[task].name, half, model) for task in opts.task}
         pairs, labels = [], []
         for seed in opts.seed:
             base = dict(model=model, output=storage.join(out, model), epochs=opts.epochs, patience=opts.epochs,
@@ -111,13 +112,13 @@ def study(opts: StudyOptions) -> dict[str, Any]:
                     configs.setdefault(key, []).append(variant)
                 for (k, adapter, size, lr), variants in configs.items():
                     pairs.append((TrainOptions(task=[task], cut_layer=k, adapter=adapter, adapter_size=size or 16,
-                                               learning_rate=lr, cache=sw["caches"][tasks.load_task(task).spec.corpus],
+                                               learning_rate=lr, cache=sw["caches"][loaded[task].spec.corpus],
                                                **base), task))
                     labels.append(variants)
         width = opts.max_concurrent_runs or max(1, cluster_gpus())
         _log(f"{model}: {len(pairs)} runs ({len(opts.seed)} seed(s)), {width} at a time")
         metrics = run_all(pairs, storage.join(out, model), max_concurrent=width, skip_done=True)
-        corpus = {tasks.load_task(t).name: tasks.load_task(t).spec.corpus for t in opts.task}
+        corpus = {t.name: t.spec.corpus for t in loaded.values()}
         for m, variants in zip(metrics, labels):
             for v in variants:
                 runs.append({**{c: m.get(c) for c in RUN_COLUMNS}, "model": model, "variant": v,
