@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import cache, encoders, tasks  # noqa: E402
-from er_ray.cache import CacheOptions, build_cache  # noqa: E402
+from er_ray import cache, encoders, pretrained, tasks  # noqa: E402
+from er_ray.cache_build import build_cache  # noqa: E402
+from er_ray.options import CacheOptions  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from machine import ProcessCpu, cpu_ticks, process_tree, steal_fraction  # noqa: E402  (bench/machine.py)
 
@@ -153,7 +154,7 @@ def main():
     pq.write_table(docs.slice(0, a.bytes_docs), small)
     texts = docs.column("text").to_pylist()
 
-    enc = encoders.load_encoder(a.model)
+    enc = pretrained.load_encoder(a.model)
     L = enc.num_layers
     k = L // 2
     layers3 = [k - 1, k, k + 1] if k + 1 <= L else [k - 2, k - 1, k]

@@ -40,7 +40,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import encoders, tasks  # noqa: E402
+from er_ray import encoders, pretrained, tasks  # noqa: E402
 from er_ray.batching import length_batches, pad_rows  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
@@ -60,7 +60,7 @@ class Runner:
 
     def __init__(self, model: str, threads: int):
         torch.set_num_threads(threads)
-        self.enc = encoders.load_encoder(model)
+        self.enc = pretrained.load_encoder(model)
         self.lower = encoders.LowerEncoder(self.enc.model, self.enc.num_layers // 2)
 
     def run(self, batches) -> dict:

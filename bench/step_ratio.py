@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import encoders  # noqa: E402
+from er_ray import pretrained  # noqa: E402
 from er_ray.model import ModelSpec, TaskModel  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -27,7 +27,7 @@ torch.manual_seed(0)
 for L in (int(x) for x in a.lengths.split(",")):
     res = {}
     for arm in ("finetune", "recycled"):
-        enc = encoders.load_encoder("minilm")  # fresh weights per arm: the LoRA arm wraps the layers in place
+        enc = pretrained.load_encoder("minilm")  # fresh weights per arm: the LoRA arm wraps the layers in place
         spec = ModelSpec(cut_layer=3, adapter="full" if arm == "finetune" else "lora", adapter_size=16,
                          num_labels=6, full_finetune=arm == "finetune", source="text" if arm == "finetune" else "cache")
         m = TaskModel(enc.model, spec).train()

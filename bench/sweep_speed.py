@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray.cluster import connect  # noqa: E402
-from er_ray.demo import CLOTHING  # noqa: E402
-from er_ray.sweep import SweepOptions, sweep  # noqa: E402
+from er_ray.options import CLOTHING  # noqa: E402
+from er_ray.options import SweepOptions, build  # noqa: E402
+from er_ray.sweep import sweep  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     for arm, extra in (("sweep_concurrent_asha", {}),
                        ("one_by_one", dict(max_concurrent_trials=1, scheduler="fifo"))):
         t0 = time.perf_counter()
-        res = sweep(SweepOptions(**common, **extra, output=str(work / arm)))
+        res = sweep(build(SweepOptions, **common, **extra, output=str(work / arm)))
         wall = time.perf_counter() - t0
         arms[arm] = {"wall_seconds": wall, "cache_seconds": res["cache_seconds"],
                      "trial_seconds": res["sweep_seconds"], "trials": len(res["trials"]),

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import cache, encoders, tasks  # noqa: E402
+from er_ray import cache, pretrained, tasks  # noqa: E402
+from er_ray.cache_build import build_cache  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
 from er_ray.predict import Predictor  # noqa: E402
-from er_ray.train import TrainOptions, train  # noqa: E402
+from er_ray.options import CacheOptions, TrainOptions  # noqa: E402
+from er_ray.train import train  # noqa: E402
 from machine import cpu_ticks, steal_fraction  # noqa: E402  (bench/machine.py)
 
 ARMS = {  # name -> TrainOptions overrides
@@ -105,7 +107,7 @@ def main():
     if unknown := [arm for arm in arms if arm not in arm_options]:
         ap.error(f"unknown arms {unknown}: built in are {list(ARMS)}; define more with --define")
     connect()
-    fp = encoders.fingerprint(a.model, a.max_length)
+    fp = pretrained.fingerprint(a.model, a.max_length)
     k = fp["num_layers"] // 2
     report = {"model": a.model, "cut_layer": k, "epochs": a.epochs, "batch_size": a.batch_size,
               "max_length": a.max_length, "max_train_examples": a.max_train_examples, "seeds": seeds, "tasks": {}}
@@ -114,7 +116,7 @@ def main():
         out = Path(a.work) / f"{a.model}-{task.spec.name}"  # a spec path names its task too
         cache_dir = out / "cache"
         t0 = time.perf_counter()
-        cache.build_cache(cache.CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
+        build_cache(CacheOptions(corpus=[name], output=str(cache_dir), model=a.model, cut_layer=[k],
                                              max_length=a.max_length))
         cache_s = time.perf_counter() - t0
         res: dict = {"arm_options": {arm: arm_options[arm] for arm in arms}, "cache_build_seconds": cache_s,

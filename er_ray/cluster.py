@@ -6,6 +6,12 @@ import os
 
 import ray
 
+from .errors import ErRayError
+
+
+class ClusterError(ErRayError):
+    pass
+
 
 def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local Ray once.
@@ -13,18 +19,34 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
     A local Ray starts with its dashboard (on 127.0.0.1) by default: it is where a user watches jobs and metrics,
     and Ray Train V2 relies on its State API (without it Train's placement-group cleaner logs "State API may be
     temporarily unavailable" every few seconds, and Tune over Train hangs once a trial is stopped)."""
+    import logging
+
+    from . import console
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Unless --verbose: worker processes' output stays in Ray's log files (the dashboard shows it) and er_ray tells
+    # progress from this process; Ray's own INFO lines (start, Ray Data's plans and progress) are not printed.
+    quiet = dict(log_to_driver=console.verbose(), logging_level=logging.INFO if console.verbose() else logging.WARNING)
+    if not console.verbose():  # "Token authentication is enabled ...": the secure default, said at every start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Credentials are not forwarded: a local Ray's workers inherit this process's environment (AWS_* included), and
     # a cluster's nodes have their own (an instance profile, cluster.yaml); forwarding keys in the runtime_env
     # would show them in the dashboard's job info.
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
                         **({"ER_RAY_HOME": os.environ["ER_RAY_HOME"]} if "ER_RAY_HOME" in os.environ else {})}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env, log_to_driver=True)
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=env, **quiet)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env, **quiet)
+    except Exception as e:  # a Ray that cannot start (or be reached) is one line, not Ray's traceback
+        where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+        raise ClusterError(f"could not start or join {where}: {type(e).__name__}: {str(e).splitlines()[0]}"
+                           f"{' (see /tmp/ray/session_latest/logs)' if not os.environ.get('RAY_ADDRESS') else ''}") \
+            from None
+    console.quiet_ray()
 
 
 def cluster_gpus() -> int:

@@ -24,9 +24,9 @@ from torch import nn
 
 from . import encoders
 from .errors import OptionsError
+from .options import ADAPTERS, Adapter
 
-ADAPTERS = ("lora", "bottleneck", "full")
-Adapter = Literal["lora", "bottleneck", "full"]
+IGNORE = -100  # the label of tokens no loss or score counts (special tokens, later subwords, padding)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class TaskModel(nn.Module):
             self.peft.merge_adapter()
 
 
-def token_labels(word_ids: list[int], word_tags: list[int], ignore: int = -100) -> list[int]:
+def token_labels(word_ids: list[int], word_tags: list[int], ignore: int = IGNORE) -> list[int]:
     """First-subword labelling: a word's tag goes on its first token; other subwords and specials are ignored."""
     out, prev = [], None
     for w in word_ids:

@@ -6,8 +6,6 @@ upper), with Ray Data. Both give the same labels on the same documents.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +13,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .errors import ErRayError, OptionsError, run_pipeline
+from .console import fmt_count, say
+from .errors import ErRayError, run_pipeline
+from .options import PredictOptions
 
 
 class PredictError(ErRayError):
     pass
-
-
-@dataclass
-class PredictOptions:
-    run: str
-    """a trained run's directory (holding model/task.json), as `er-ray train` prints it: a path or a URI"""
-    corpus: list[str]
-    """documents to label: a built-in task name (all its documents) or corpus files / directories"""
-    output: str
-    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word): a path or a URI"""
-    cache: str | None = None
-    """read layer-k states from this cache instead of running the lower layers on raw text"""
-    id_column: str = "id"
-    """column holding document ids"""
-    text_column: str = "text"
-    """column holding the text (or list of words)"""
-    batch_size: int = 64
-    """documents per forward pass"""
-    workers: int | None = None
-    """predictor actors (default: one per GPU, else one)"""
-
-    def __post_init__(self):
-        if isinstance(self.corpus, str):
-            self.corpus = [self.corpus]
-        if self.batch_size < 1:
-            raise OptionsError("--batch-size must be at least 1")
 
 
 def load_task_model(run: str | Path, source: str = "cache", merge: bool = True):
@@ -54,14 +28,14 @@ def load_task_model(run: str | Path, source: str = "cache", merge: bool = True):
     import torch
     from safetensors.torch import load
 
-    from . import encoders
     from .model import ModelSpec, TaskModel
+    from .pretrained import load_encoder
 
     d = storage.join(run, "model") if storage.exists(storage.join(run, "model", "task.json")) else run
     if not storage.exists(storage.join(d, "task.json")):
         raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
     info = storage.read_json(storage.join(d, "task.json"))
-    enc = encoders.load_encoder(info["model"])
+    enc = load_encoder(info["model"])
     if enc.weights_sha256 != info["weights_sha256"]:
         raise PredictError(f"{run} was trained on weights {info['weights_sha256'][:12]}..., "
                            f"but {info['model']} now has {enc.weights_sha256[:12]}...")
@@ -101,7 +75,7 @@ class Predictor:
         import torch
 
         from .batching import length_batches, pad_rows
-        from .cache import decode_rows
+        from .codec import decode_rows
 
         n = batch.num_rows
         if self.source == "cache":
@@ -150,9 +124,11 @@ def predict(opts: PredictOptions) -> Path | str:
     import ray
     import ray.data
 
-    from . import encoders
-    from .cache import KEY_FIELDS, open_cache, read_ids, resolve_corpus
+    from .cache import KEY_FIELDS, open_cache
+    from .cache_build import corpus_of
     from .cluster import cluster_cpus, cluster_gpus, connect
+    from .corpus import read_ids
+    from .pretrained import fingerprint
 
     run = storage.absolute(opts.run)  # the predictor actors read the model from it
     if not storage.exists(storage.join(run, "model", "task.json")):
@@ -161,19 +137,19 @@ def predict(opts: PredictOptions) -> Path | str:
     connect()
     if opts.cache:
         k = info["spec"]["cut_layer"]
-        fp = encoders.fingerprint(info["model"], info["max_length"])
+        fp = fingerprint(info["model"], info["max_length"])
         c = open_cache(opts.cache, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
         cache_dtype = c.manifest.dtype
         cols = ["id", "length", "hidden"] + (["scale"] if c.manifest.dtype == "int8" else []) + \
                (["word_ids"] if c.manifest.token_classification else [])
         ds = c.dataset(columns=cols)
         if opts.corpus:  # only the corpus's documents
-            corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
+            corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
             wanted = pa.array(sorted({i for _, ids in read_ids(corpus) for i in ids}), pa.string())
             ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
         source = "cache"
     else:  # each corpus file is read by a Ray task, not by this process: a corpus need not fit in the driver
-        corpus = resolve_corpus(opts.corpus, opts.id_column, opts.text_column)
+        corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
         ds = ray.data.from_items([{"file": f} for f in corpus.files], override_num_blocks=len(corpus.files))
         ds = ds.map_batches(_read_files, fn_kwargs={"id_column": corpus.id_column, "text_column": corpus.text_column},
                             batch_size=1, batch_format="pyarrow")
@@ -193,9 +169,9 @@ def predict(opts: PredictOptions) -> Path | str:
         raise PredictError("no documents to label: the corpus is empty" +
                            (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))
     if opts.cache and opts.corpus and rows < len(wanted):  # nothing is dropped silently
-        print(f"[er_ray predict] {len(wanted) - rows:,} of the corpus's {len(wanted):,} documents are not in the "
-              f"cache {opts.cache} and were not labelled", file=sys.stderr)
-    print(f"[er_ray predict] {rows:,} documents labelled from {source} -> {opts.output}", file=sys.stderr)
+        say("predict", f"{fmt_count(len(wanted) - rows)} of the corpus's {fmt_count(len(wanted))} documents are not "
+                       f"in the cache {opts.cache} and were not labelled")
+    say("predict", f"{fmt_count(rows)} documents labelled from {source} -> {opts.output}")
     return Path(opts.output) if storage.is_local(opts.output) else opts.output
 
 
@@ -207,7 +183,7 @@ def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:
 
 def _read_files(batch: pa.Table, id_column: str, text_column: str) -> pa.Table:
     """(Ray task) The named corpus files -> id (as strings) and text columns."""
-    from .tasks import read_table
+    from .corpus import read_table
 
     out = []
     for file in batch.column("file").to_pylist():

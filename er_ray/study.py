@@ -9,64 +9,22 @@ metrics.json; study.parquet holds them all. Re-running resumes: finished runs ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
-import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import storage
-from .model import Adapter
-from .sweep import SweepOptions, default_cut_layers, sweep
-from .train import TrainOptions, run_all
+from .console import say
+from .options import StudyOptions
+from .sweep import default_cut_layers, sweep
+from .train import run_all
 
 PAPER = ("Saad-Falcon et al. (arXiv 2207.04993), DeBERTa-v2 XL on a GPU, 50% cut: training >= 1.9x faster, "
          "inference 1.87-1.91x faster, accuracy within about a point of full fine-tuning on classification tasks.")
 VARIANTS = ("finetune", "recycled k=L/2", "recycled best")
-
-
-def _builtin_tasks() -> list[str]:
-    from .tasks import BUILTINS
-
-    return list(BUILTINS)
-
-
-@dataclass
-class StudyOptions:
-    model: list[str] = field(default_factory=lambda: ["minilm", "mpnet"])
-    """models to study"""
-    task: list[str] = field(default_factory=_builtin_tasks)
-    """tasks to study"""
-    seed: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """seeds: every compared configuration is trained once per seed (mean and spread reported)"""
-    cut_layer: list[int] = field(default_factory=list)
-    """cut layers the sweep tries (default: about L/3, L/2, 2L/3); L/2 is always among them"""
-    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
-    """adapter kinds the sweep tries"""
-    adapter_size: list[int] = field(default_factory=lambda: [8, 32])
-    """adapter sizes the sweep tries"""
-    learning_rate: list[float] = field(default_factory=list)
-    """learning rates the sweep tries (default: one per adapter kind)"""
-    epochs: int = 3
-    """epochs of every run (the same for fine-tuning and recycled models)"""
-    batch_size: int = 32
-    """examples per step"""
-    max_length: int = 128
-    """tokens per document at most"""
-    max_train_examples: int | None = None
-    """train on at most this many examples (a quick study); dev and test stay whole"""
-    max_concurrent_runs: int | None = None
-    """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
-    output: str = "study"
-    """folder for REPORT.md, study.parquet, plots, and every sweep and run; re-running resumes"""
-    caches: str | None = None
-    """where the caches live (default: OUTPUT); share them with sweeps and train runs over the same corpus"""
-
-
-def _log(msg: str) -> None:
-    print(f"[er_ray study] {msg}", file=sys.stderr, flush=True)
 
 
 def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
@@ -77,46 +35,47 @@ def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
 
 
 def study(opts: StudyOptions) -> dict[str, Any]:
-    from . import encoders, tasks
+    from . import tasks
     from .cluster import cluster_gpus, connect
+    from .encoders import default_cut_layer
+    from .pretrained import fingerprint
 
+    train, grid = opts.train, opts.sweep
+    train.require_task()
+    loaded = {t: tasks.load_task(t) for t in train.task}  # read once: names and corpora of built-ins or spec files
+    fps = {model: fingerprint(model, train.max_length) for model in opts.model}  # bad names fail before Ray starts
     connect(dashboard=True)  # the sweeps need it (Tune over Ray Train)
-    out = storage.absolute(opts.output)
+    out = storage.absolute(train.output)
     runs: list[dict[str, Any]] = []
     caches: dict[str, dict[str, Any]] = {}
-    loaded = {t: tasks.load_task(t) for t in opts.task}  # read once: names and corpora of built-ins or spec files
-    for model in opts.model:
-        fp = encoders.fingerprint(model, opts.max_length)
-        half = fp["num_layers"] // 2
-        layers = sorted(set(opts.cut_layer or default_cut_layers(fp["num_layers"])) | {half})
-        _log(f"{model}: sweep over k in {layers}, adapters {opts.adapter} x {opts.adapter_size}")
-        sw = sweep(SweepOptions(task=opts.task, model=model, cut_layer=layers, adapter=opts.adapter,
-                                adapter_size=opts.adapter_size, learning_rate=opts.learning_rate,
-                                output=storage.join(out, model, "sweep"), caches=opts.caches or out,
-                                epochs=opts.epochs,
-                                batch_size=opts.batch_size, max_length=opts.max_length,
-                                max_train_examples=opts.max_train_examples, seed=opts.seed[0]))
+    for model, fp in fps.items():
+        half = default_cut_layer(fp["num_layers"])
+        layers = sorted(set(grid.cut_layer or default_cut_layers(fp["num_layers"])) | {half})
+        say("study", f"{model}: sweep over k in {layers}, adapters {grid.adapter} x {grid.adapter_size}")
+        # The sweep of this model: the study's options, with this model, the first seed and its own folder.
+        model_train = dataclasses.replace(train, model=model, seed=opts.seed[0], output=storage.join(out, model))
+        sw = sweep(dataclasses.replace(grid, cut_layer=layers, caches=grid.caches or out,
+                                       train=dataclasses.replace(model_train,
+                                                                 output=storage.join(out, model, "sweep"))))
         caches[model] = _cache_cost(storage.join(out, model, "cache.json"), sw)
-        chosen = {task: choose(sw["trials"], loaded[task].name, half, model) for task in opts.task}
+        chosen = {task: choose(sw["trials"], loaded[task].name, half, model) for task in train.task}
         pairs, labels = [], []
         for seed in opts.seed:
-            base = dict(model=model, output=storage.join(out, model), epochs=opts.epochs, patience=opts.epochs,
-                        batch_size=opts.batch_size, max_length=opts.max_length,
-                        max_train_examples=opts.max_train_examples, seed=seed)
-            for task in opts.task:
-                pairs.append((TrainOptions(task=[task], full_finetune=True, **base), task))
+            base = dataclasses.replace(model_train, seed=seed, patience=None)
+            for task in train.task:
+                pairs.append((dataclasses.replace(base, task=[task], full_finetune=True), task))
                 labels.append(["finetune"])
                 configs: dict[tuple, list[str]] = {}
                 for variant, r in chosen[task].items():  # the L/2 best may be the best: train it once
                     key = (r["cut_layer"], r["adapter"], r["adapter_size"], r["learning_rate"])
                     configs.setdefault(key, []).append(variant)
                 for (k, adapter, size, lr), variants in configs.items():
-                    pairs.append((TrainOptions(task=[task], cut_layer=k, adapter=adapter, adapter_size=size or 16,
-                                               learning_rate=lr, cache=sw["caches"][loaded[task].spec.corpus],
-                                               **base), task))
+                    pairs.append((dataclasses.replace(base, task=[task], cut_layer=k, adapter=adapter,
+                                                      adapter_size=size or 16, learning_rate=lr,
+                                                      cache=sw["caches"][loaded[task].spec.corpus]), task))
                     labels.append(variants)
         width = opts.max_concurrent_runs or max(1, cluster_gpus())
-        _log(f"{model}: {len(pairs)} runs ({len(opts.seed)} seed(s)), {width} at a time")
+        say("study", f"{model}: {len(pairs)} runs ({len(opts.seed)} seed(s)), {width} at a time")
         metrics = run_all(pairs, storage.join(out, model), max_concurrent=width, skip_done=True)
         corpus = {t.name: t.spec.corpus for t in loaded.values()}
         for m, variants in zip(metrics, labels):
@@ -221,15 +180,17 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
         plots = plot_study(summary, Path(tmp))
         storage.upload(tmp, storage.join(out, "plots"))
     md = ["# er_ray study: full fine-tuning against embedding recycling", "",
-          f"Models {', '.join(opts.model)}; tasks {', '.join(opts.task)}; seeds {opts.seed}; {opts.epochs} epoch(s), "
-          f"batch {opts.batch_size}, max length {opts.max_length}"
-          + (f", at most {opts.max_train_examples} training examples" if opts.max_train_examples else "") + ".",
+          f"Models {', '.join(opts.model)}; tasks {', '.join(opts.train.task)}; seeds {opts.seed}; "
+          f"{opts.train.epochs} epoch(s), batch {opts.train.batch_size}, max length {opts.train.max_length}"
+          + (f", at most {opts.train.max_train_examples} training examples" if opts.train.max_train_examples else "")
+          + ".",
           "", "Test scores are the mean (± standard deviation) over seeds of the epoch chosen on dev. Speed-up is "
           "fine-tuning's seconds per epoch over the recycled model's. The cache is built once per corpus and model; "
           "its cost is shared by the tasks over that corpus, in epochs of fine-tuning."
           # Trap: the study times only what its sweep encoded; a cache built elsewhere would look free.
-          + (f" The caches came from {opts.caches} (--caches): a corpus already cached there is charged only the "
-             "time this study took to check or extend its cache, not what building it cost." if opts.caches else ""),
+          + (f" The caches came from {opts.sweep.caches} (--caches): a corpus already cached there is charged only "
+             "the time this study took to check or extend its cache, not what building it cost."
+             if opts.sweep.caches else ""),
           "",
           f"**The paper's headline**: {PAPER}", "", format_table(table, list(table[0]) if table else [], markdown=True),
           "", "Per-task sweeps (every trial, plots of the metric against k and against cost): "
@@ -238,7 +199,7 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
     md += ["", "Raw results, one row per run and variant: `study.parquet`."]
     storage.write_bytes(storage.join(out, "REPORT.md"), ("\n".join(md) + "\n").encode())
     print(format_table(table))
-    _log(f"report -> {storage.join(out, 'REPORT.md')}")
+    say("study", f"report -> {storage.join(out, 'REPORT.md')}")
     return {"runs": runs, "summary": summary}
 
 

@@ -11,82 +11,20 @@ run already finished is reported from its metrics.json instead of being trained 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import storage
-from .errors import OptionsError
-from .model import ADAPTERS, Adapter
-from .train import DEFAULT_LR, TrainOptions
+from .console import fmt_score, fmt_seconds, say, verbose
+from .options import DEFAULT_LR, SweepOptions, TrainOptions
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
-
-
-@dataclass
-class SweepOptions:
-    task: list[str]
-    """task(s): built-in names or spec files; trials of all tasks share the cluster and the caches"""
-    model: str = "minilm"
-    """packaged model name, local folder, or hub id"""
-    cut_layer: list[int] = field(default_factory=list)
-    """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers)"""
-    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
-    """adapter kinds to try: lora, bottleneck, full"""
-    adapter_size: list[int] = field(default_factory=lambda: [8, 32])
-    """adapter sizes to try (LoRA rank, bottleneck width; ignored by full)"""
-    learning_rate: list[float] = field(default_factory=list)
-    """learning rates to try (default: one per adapter kind, as `er-ray train` uses)"""
-    output: str = "sweep"
-    """the sweep's folder: trials' runs, Tune state, sweep.parquet/.md and plots; re-running with the same
-    folder resumes the sweep"""
-    caches: str | None = None
-    """where the caches live (default: the sweep's folder); point train runs and sweeps at one place to share"""
-    epochs: int = 3
-    """epochs per trial at most (ASHA and early stopping end weak trials sooner)"""
-    batch_size: int = 32
-    """examples per step per worker"""
-    max_length: int = 128
-    """tokens per document at most"""
-    max_train_examples: int | None = None
-    """train each trial on at most this many examples (quick sweeps); dev and test stay whole"""
-    seed: int = 0
-    """seed of every trial"""
-    dtype: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
-    """cache dtype"""
-    workers: int = 1
-    """Ray Train workers per trial"""
-    max_concurrent_trials: int | None = None
-    """trials at once (default: what the cluster's GPUs, or CPUs, hold)"""
-    grace_period: int = 1
-    """ASHA: epochs every trial runs before it can be stopped"""
-    reduction_factor: float = 2
-    """ASHA: keep the best 1/reduction_factor of trials at each rung"""
-    scheduler: Literal["asha", "fifo"] = "asha"
-    """asha stops weak trials early (per task); fifo runs every trial to the end"""
-
-    def __post_init__(self):
-        if isinstance(self.task, str):
-            self.task = [self.task]
-        if not self.task:
-            raise OptionsError("name at least one --task")
-        bad = [a for a in self.adapter if a not in ADAPTERS]
-        if bad or not self.adapter:
-            raise OptionsError(f"--adapter must be among {', '.join(ADAPTERS)} (got {bad or 'none'})")
-        if self.epochs < 1 or self.workers < 1 or self.grace_period < 1:
-            raise OptionsError("--epochs, --workers and --grace-period must be at least 1")
-        if self.grace_period > self.epochs:
-            raise OptionsError(f"--grace-period {self.grace_period} exceeds --epochs {self.epochs}")
-
-
-def _log(msg: str) -> None:
-    print(f"[er_ray sweep] {msg}", file=sys.stderr, flush=True)
 
 
 def default_cut_layers(num_layers: int) -> list[int]:
@@ -95,10 +33,12 @@ def default_cut_layers(num_layers: int) -> list[int]:
 
 def grid(opts: SweepOptions, num_layers: int) -> list[dict[str, Any]]:
     """Every trial's point: (cut layer, adapter, size, learning rate), without duplicates (full has no size)."""
-    layers = opts.cut_layer or default_cut_layers(num_layers)
-    bad = [k for k in layers if not 0 <= k < num_layers]
-    if bad:
-        raise OptionsError(f"--cut-layer {bad} out of range: the model has layers 0..{num_layers - 1} to cut at")
+    from .encoders import check_cut_layer
+
+    layers = opts.cut_layer or ([opts.train.cut_layer] if opts.train.cut_layer is not None else
+                                default_cut_layers(num_layers))
+    for k in layers:
+        check_cut_layer(k, num_layers, opts.train.model)
     points = []
     for k in sorted(set(layers)):
         for adapter in dict.fromkeys(opts.adapter):
@@ -118,10 +58,11 @@ def trial_name(task: str, p: dict[str, Any], seed: int) -> str:
 
 
 def _trial_options(config: dict[str, Any]) -> TrainOptions:
+    """The sweep's train options with the trial's grid point put in."""
     p = config["point"]
     return TrainOptions(**dict(config["train"], task=[config["task"]], cut_layer=p["cut_layer"],
                                adapter=p["adapter"], adapter_size=p["adapter_size"] or 16,
-                               learning_rate=p["learning_rate"], cache=config["cache"]))
+                               learning_rate=p["learning_rate"], cache=config["cache"], full_finetune=False))
 
 
 def _data_key(config: dict[str, Any]) -> str:
@@ -205,6 +146,31 @@ def per_task_asha(**kwargs):
     return _PerTask()
 
 
+def trial_lines():
+    """A Tune callback (on this driver) that tells each trial's epochs, stops and ends in er_ray's lines, in place
+    of Tune's status tables (those come back with --verbose)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("reused"):
+                say("sweep", f"{_flatten(trial.config)['name']}: finished in an earlier run, dev "
+                             f"{fmt_score(result.get('dev'))}")
+            elif "epoch" in result:
+                say("sweep", f"{_flatten(trial.config)['name']}: epoch {result['epoch']}/{result['epochs']}, "
+                             f"dev {result['metric']} {fmt_score(result['dev_score'])}, "
+                             f"{fmt_seconds(result['train_seconds'])}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            say("sweep", f"{_flatten(trial.config)['name']}: done ({done}/{len(trials)} trials ended)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say("sweep", f"{_flatten(trial.config)['name']}: failed (its error is in sweep.md and Tune's logs)")
+
+    return TrialLines()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The driver
 
@@ -214,10 +180,10 @@ def _concurrency(opts: SweepOptions, trials: int) -> int:
 
     if opts.max_concurrent_trials:
         return opts.max_concurrent_trials
-    gpus = cluster_gpus()
+    gpus, workers = cluster_gpus(), opts.train.workers
     # A trial's workers take a GPU each where there are GPUs; on CPUs, one core per worker keeps each trial's
     # matrix multiplies fed (more trials than cores only adds switching).
-    slots = gpus // opts.workers if gpus else int(cluster_cpus()) // opts.workers
+    slots = gpus // workers if gpus else int(cluster_cpus()) // workers
     return max(1, min(trials, slots))
 
 
@@ -225,19 +191,22 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {"trials": rows, "best": best row per task}."""
     from ray import tune
 
-    from . import encoders, tasks
+    from . import tasks
+    from .cache_build import cache_root, ensure_cache
     from .cluster import connect
-    from .train import ensure_cache, run_data
+    from .pretrained import fingerprint
+    from .train import run_data
 
-    fp = encoders.fingerprint(opts.model, opts.max_length)
+    train = opts.train
+    train.require_task()
+    fp = fingerprint(train.model, train.max_length)
     points = grid(opts, fp["num_layers"])  # a bad option fails here, before Ray starts
+    loaded = {t: tasks.load_task(t) for t in train.task}  # a task given as a spec file is named by its spec
     # Tune over Ray Train needs the dashboard (State API): without it a trial stopped by ASHA keeps its workers'
     # placement group and the next trial waits for resources forever.
     connect(dashboard=True)
-    out = storage.absolute(opts.output)  # a location every trial's process can use
-    train_base = dict(model=opts.model, output=str(out), epochs=opts.epochs, patience=opts.epochs,
-                      batch_size=opts.batch_size, max_length=opts.max_length, workers=opts.workers,
-                      seed=opts.seed, max_train_examples=opts.max_train_examples, dtype=opts.dtype, max_failures=1)
+    out = storage.absolute(train.output)  # a location every trial's process can use
+    train_base = dataclasses.asdict(dataclasses.replace(train, output=str(out)))
 
     # Caches first: one multi-layer pass per corpus covers every k of the grid; trials only read.
     layers = sorted({p["cut_layer"] for p in points})
@@ -245,22 +214,21 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     # Every task, not only a corpus's first: tasks over one corpus need not hold the same documents (built-in
     # clothing_department lacks 13 of clothing_rating's reviews; subsets as spec files differ more); each call
     # encodes only what the cache still lacks.
-    loaded = {t: tasks.load_task(t) for t in opts.task}  # a task given as a spec file is named by its spec
-    for name, task in loaded.items():
-        cache_opts = TrainOptions(**dict(train_base, task=[name], output=storage.absolute(opts.caches or out)))
+    for task in loaded.values():
+        root = cache_root(storage.absolute(opts.caches or out), task.spec.corpus, fp["model"], train.max_length)
         t0 = time.perf_counter()
-        caches[task.spec.corpus] = ensure_cache(cache_opts, task, fp, layers)
+        caches[task.spec.corpus] = ensure_cache(task, root, train.model, train.max_length, train.dtype, layers)
         corpus_seconds[task.spec.corpus] = corpus_seconds.get(task.spec.corpus, 0.0) + time.perf_counter() - t0
     cache_seconds = sum(corpus_seconds.values())
-    trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, opts.seed),
-               "cache": caches[loaded[t].spec.corpus]} for t in opts.task for p in points]
+    trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, train.seed),
+               "cache": caches[loaded[t].spec.corpus]} for t in train.task for p in points]
     concurrent = _concurrency(opts, len(trials))
     for t in trials:
-        t.update(train=train_base, concurrent_workers=concurrent * opts.workers)
-    _log(f"{len(trials)} trials ({len(opts.task)} task(s) x {len(points)} points), {concurrent} at a time; "
-         f"caches at layers {layers} ready in {cache_seconds:.0f} s")
+        t.update(train=train_base, concurrent_workers=concurrent * train.workers)
+    say("sweep", f"{len(trials)} trials ({len(train.task)} task(s) x {len(points)} points), {concurrent} at a time; "
+                 f"caches at layers {layers} ready in {fmt_seconds(cache_seconds)}")
 
-    scheduler = (per_task_asha(time_attr="training_iteration", max_t=opts.epochs, grace_period=opts.grace_period,
+    scheduler = (per_task_asha(time_attr="training_iteration", max_t=train.epochs, grace_period=opts.grace_period,
                              reduction_factor=opts.reduction_factor, stop_last_trials=False)
                  if opts.scheduler == "asha" else None)
     t0 = time.perf_counter()
@@ -271,7 +239,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     for t in trials:
         if _data_key(t) not in data and not _finished(storage.join(out, "runs", t["name"]), t):
             data[_data_key(t)] = run_data(_trial_options(t), t["task"])
-    _log(f"labelled rows of {len(data)} (task, cut layer) pair(s) ready in {time.perf_counter() - t0:.0f} s")
+    say("sweep", f"labelled rows of {len(data)} (task, cut layer) pair(s) ready in "
+                 f"{fmt_seconds(time.perf_counter() - t0)}")
     # A trial's own process only waits on its TorchTrainer: it needs a sliver of CPU, not a core
     # (0 is refused by Tune's resource request).
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data), {"cpu": 0.05})
@@ -284,7 +253,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     experiment = f"{tune_path}/{tune_name}"
     resumed = tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
     if resumed:
-        _log("resuming the sweep found in " + storage.join(out, "tune", tune_name))
+        say("sweep", "resuming the sweep found in " + storage.join(out, "tune", tune_name))
         tuner = tune.Tuner.restore(experiment, trainable, param_space=param_space, resume_errored=True,
                                    storage_filesystem=tune_fs)
     else:
@@ -292,7 +261,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="dev_score", mode="max", scheduler=scheduler,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=tune_name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
+            run_config=tune.RunConfig(name=tune_name, storage_path=tune_path, storage_filesystem=tune_fs,
+                                      verbose=1 if verbose() else 0, callbacks=[trial_lines()],
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid_result = tuner.fit()
     sweep_seconds = time.perf_counter() - t0
@@ -381,7 +351,7 @@ def write_sweep(rows: list[dict[str, Any]], out: str, cache_seconds: float, swee
     md += [f"![{p.stem}](plots/{p.name})" for p in plots]
     storage.write_bytes(storage.join(out, "sweep.md"), ("\n".join(md) + "\n").encode())
     print(format_table(best, cols))
-    _log(f"{len(rows)} trials: {sum(r['status'] == 'done' for r in rows)} finished, "
+    say("sweep", f"{len(rows)} trials: {sum(r['status'] == 'done' for r in rows)} finished, "
          f"{sum(r['status'] == 'stopped' for r in rows)} stopped early -> {storage.join(out, 'sweep.md')}")
     return best
 

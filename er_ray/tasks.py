@@ -26,14 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import assets
-from .errors import ErRayError
+from .corpus import Corpus, DataError, read_table
 
 SPLITS = ("train", "dev", "test")
 TaskType = Literal["classification", "token_classification"]
 
 
-class TaskError(ErRayError, ValueError):
-    """A task file is unusable; the message names the file, the row (1 = first data row) and the field."""
+class TaskError(DataError):
+    """A task spec or task file is unusable; the message names the file, the row (1 = first data row) and the
+    field."""
 
 
 @dataclass
@@ -120,77 +121,23 @@ class Task:
         """All documents of all splits (id + text or tokens): what the activation cache must hold."""
         return pa.concat_tables([t.select(["id", self.input_column]) for t in self.splits.values()])
 
+    def corpus(self) -> Corpus:
+        """The task's documents as a corpus to cache: a built-in's own file; a user task's documents written
+        once, normalised (id + text or tokens), under $ER_RAY_HOME/corpora/."""
+        token = self.type == "token_classification"
+        if isinstance(self.spec.files, str) and self.spec.id_column == "id":
+            return Corpus([self.spec.files], "id", self.input_column, token)
+        path = assets.home() / "corpora" / f"{self.spec.corpus}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.documents(), path)
+        return Corpus([str(path)], "id", self.input_column, token)
+
     def sizes(self) -> dict[str, int]:
         return {s: t.num_rows for s, t in self.splits.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading and validating task files
-
-
-def read_table(path: str | Path) -> pa.Table:
-    """Parquet, CSV or JSONL into an Arrow table; errors name the file."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".brotli") else path.suffix
-    try:
-        if suffix.startswith(".parquet") or suffix == ".pq":
-            return pq.read_table(path)
-        if suffix in (".csv", ".tsv"):
-            import pyarrow.csv as pcsv
-
-            opts = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            # Read every column as a string column first: a text column of digits must not become int64.
-            return pcsv.read_csv(path, parse_options=opts,
-                                 convert_options=pcsv.ConvertOptions(column_types=_all_strings(path, opts)))
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            return _read_jsonl(path)
-    except TaskError:
-        raise
-    except Exception as e:
-        raise TaskError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    raise TaskError(f"cannot read {path}: unknown file type {path.suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
-
-
-def _all_strings(path: Path, opts) -> dict[str, pa.DataType]:
-    import pyarrow.csv as pcsv
-
-    with pcsv.open_csv(path, parse_options=opts) as reader:
-        return {name: pa.string() for name in reader.schema.names}
-
-
-def _read_jsonl(path: Path) -> pa.Table:
-    # Line by line with the json module: a malformed line is reported by its row number.
-    rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}, row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{path}, row {i}: expected a JSON object per line")
-            rows.append(row)
-            lines.append(i)
-    if not rows:
-        raise TaskError(f"{path}: no rows")
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    columns = {}
-    for n in names:
-        vals = [r.get(n) for r in rows]
-        kinds = [_kind(v) for v in vals if v is not None]
-        common = max(dict.fromkeys(kinds), key=kinds.count) if kinds else "string"  # ties: the first
-        for i, v in enumerate(vals):  # Arrow columns have one type: report the odd row out, by number
-            if v is not None and _kind(v) != common:
-                raise TaskError(f"{path}, row {lines[i]}, field {n!r}: a {_kind(v)} ({v!r:.40}) where the other "
-                                f"rows have a {common}")
-        columns[n] = pa.array(vals, pa.list_(pa.string()) if common == "list" else None)
-    return pa.table(columns)
-
-
-def _kind(v) -> str:
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list"}.get(type(v), "object")
+# Validating task files (reading them is er_ray.corpus)
 
 
 def _column(table: pa.Table, name: str, path: str, what: str) -> list:

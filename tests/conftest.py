@@ -23,9 +23,9 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def minilm():
-    from er_ray import encoders
+    from er_ray import pretrained
 
-    return encoders.load_encoder("minilm")
+    return pretrained.load_encoder("minilm")
 
 
 def all_cpus_free(timeout: float = 30.0) -> bool:
@@ -40,3 +40,11 @@ def all_cpus_free(timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (`pytest -m "not slow"`) is what needs no Ray: a test that starts or joins one (any fixture
+    on `ray_local` or the jobs' `head`) is slow, and so is one on the 110M-parameter mpnet."""
+    for item in items:
+        if {"ray_local", "head"} & set(item.fixturenames) or "mpnet" in item.name:
+            item.add_marker(pytest.mark.slow)

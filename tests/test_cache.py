@@ -17,8 +17,11 @@ import pytest
 import torch
 from conftest import all_cpus_free
 
-from er_ray import cache, tasks
-from er_ray.cache import CacheError, CacheMismatch, CacheOptions, build_cache, open_cache
+from er_ray import cache, codec, tasks
+from er_ray.cache import CacheError, CacheMismatch, open_cache
+from er_ray.cache_build import build_cache
+from er_ray.corpus import DataError
+from er_ray.options import CacheOptions
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 N_DOCS = 160
@@ -81,7 +84,7 @@ def test_rows_ids_manifest_and_plain_pyarrow(fp32_cache, corpus, minilm):
     col = t.column("hidden").combine_chunks()
     flat = np.frombuffer(col.values.buffers()[1], np.float32).reshape(-1, 384)
     assert flat.shape[0] == sum(t.column("length").to_pylist())
-    ref, _ = cache.decode_hidden(t, "fp32", 384)
+    ref, _ = codec.decode_hidden(t, "fp32", 384)
     assert np.array_equal(flat, ref)
 
 
@@ -272,20 +275,20 @@ BAD_CORPORA = [
 def test_bad_corpus_input_is_a_clear_error(ray_local, tmp_path, case, cols, message):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table(cols), path)
-    with pytest.raises(CacheError, match=message):
+    with pytest.raises(DataError, match=message):
         build(path, tmp_path / "c", cut_layer=[1])
 
 
 def test_non_string_text_and_unreadable_files(ray_local, tmp_path):
     jl = tmp_path / "c.jsonl"
     jl.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": 42}\n')
-    with pytest.raises(CacheError, match=r"row 2, field 'text'.*number"):
+    with pytest.raises(DataError, match=r"row 2, field 'text'.*number"):
         build(jl, tmp_path / "c", cut_layer=[1])
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 garbage")
-    with pytest.raises(CacheError, match=r"cannot read .*broken\.parquet"):
+    with pytest.raises(DataError, match=r"cannot read .*broken\.parquet"):
         build(broken, tmp_path / "c", cut_layer=[1])
-    with pytest.raises(CacheError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         build(tmp_path / "nope.parquet", tmp_path / "c", cut_layer=[1])
 
 
@@ -293,7 +296,7 @@ def test_a_failed_build_releases_its_actors_while_the_error_is_kept(ray_local, t
     # Kept errors used to keep the encoder actors (and their CPUs): the next pipeline on 2 cores then waited forever.
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["fine", None]}), path)
-    with pytest.raises(CacheError) as kept:
+    with pytest.raises(DataError) as kept:
         build(path, tmp_path / "c", cut_layer=[1])
     assert kept.value.__context__ is None and kept.value.__cause__ is None
     assert all_cpus_free()
@@ -329,6 +332,6 @@ def test_decoding_survives_a_row_wise_round_trip(fp32_cache):
     t = open_cache(out, 2).read().slice(0, 20)
     again = pa.Table.from_pylist(t.to_pylist())
     assert again.schema.field("hidden").type == pa.list_(pa.binary())
-    a, oa = cache.decode_hidden(t, "fp32", 384)
-    b, ob = cache.decode_hidden(again, "fp32", 384)
+    a, oa = codec.decode_hidden(t, "fp32", 384)
+    b, ob = codec.decode_hidden(again, "fp32", 384)
     assert np.array_equal(a, b) and np.array_equal(oa, ob)

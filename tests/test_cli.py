@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 
-from er_ray import cli, demo
+from er_ray import cli
+from er_ray.options import DemoOptions
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 
@@ -24,7 +25,7 @@ def test_help_lists_every_verb_and_documents_options():
     for verb in ("demo", "cache", "train", "finetune", "sweep", "study", "predict", "models", "tasks", "fetch"):
         assert verb in out
     out = run("demo", "--help").stdout
-    assert "--cut-layer" in out and "half the model's layers" in out and "(default: minilm)" in out
+    assert "--cut-layer" in out and "half the layers" in out and "(default: minilm)" in out
 
 
 def test_every_verbs_help_formats():
@@ -66,24 +67,35 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "trec-finetune-s0" / "metrics.json").exists()
     assert (out / "runs" / "trec-k3-lora16-s0" / "metrics.json").exists()
+    # A console a person can read: er_ray's progress, no Ray INFO lines, no C++ log lines (Ray's benign "E ...
+    # core_worker.cc ... constructor arguments in the object store"), no colour codes, no tracebacks.
+    console = res.stdout + res.stderr
+    assert "[er_ray cache] 6/6 shards, 5,452 documents" in console
+    assert re.search(r"\[er_ray train\] trec-k3-lora16-s0: epoch 1/1, loss \d\.\d{4}, dev accuracy 0\.\d{4}", console)
+    assert re.search(r"\[er_ray train\] trec-finetune-s0: dev accuracy 0\.\d{4}, test 0\.\d{4}", console)
+    noise = [ln for ln in console.splitlines() if re.search(r"\bINFO\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+|"
+                                                               r"\x1b\[|Traceback|core_worker\.cc", ln)]
+    assert noise == [], noise
 
 
 def test_bad_options_are_errors_not_tracebacks():
     out = run("demo", "--cut-layer", "9")
-    assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 1..5" in out.stderr
+    assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 0..5 to cut at" in out.stderr
     assert "Traceback" not in out.stderr
     out = run("demo", "--batch-size", "0")
     assert out.returncode == 2 and "--batch-size must be at least 1" in out.stderr
     out = run("sweep", "--task", "trec", "--cut-layer", "9")  # refused before Ray starts
-    assert out.returncode == 1 and "--cut-layer [9] out of range: the model has layers 0..5" in out.stderr
-    out = run("fetch", "--names", "nonesuch")
+    assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 0..5 to cut at" in out.stderr
+    out = run("fetch", "nonesuch")
     assert out.returncode == 1 and "unknown asset 'nonesuch'" in out.stderr
 
 
 def test_cli_options_are_the_api_dataclasses():
     parser = cli.build_parser()
     ns = parser.parse_args(["demo", "--cut-layer", "4", "--max-train-examples", "none", "--model", "mpnet"])
-    opts = cli.options_from(ns, demo.DemoOptions)
-    assert opts == dataclasses.replace(demo.DemoOptions(), cut_layer=4, max_train_examples=None, model="mpnet")
-    ns = parser.parse_args(["fetch", "--names", "minilm,trec", "--names", "wnut16"])
+    opts = cli.options_from(ns, DemoOptions)
+    default = DemoOptions()
+    assert opts == dataclasses.replace(default, train=dataclasses.replace(default.train, cut_layer=4,
+                                                                          max_train_examples=None, model="mpnet"))
+    ns = parser.parse_args(["fetch", "minilm,trec", "wnut16"])
     assert cli.options_from(ns, cli.FetchOptions).names == ["minilm", "trec", "wnut16"]

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from er_ray import assets, encoders
+from er_ray import assets, pretrained
 
 SHA = {"minilm": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
        "mpnet": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}
@@ -17,7 +17,7 @@ TEXTS = ["Where is the Eiffel Tower?",
 
 @pytest.fixture(scope="module", params=["minilm", "mpnet"])
 def encoder(request):
-    return encoders.load_encoder(request.param)
+    return pretrained.load_encoder(request.param)
 
 
 def test_loads_offline_with_pinned_checksum(encoder):
@@ -49,36 +49,36 @@ def test_tampered_weights_are_refused(tmp_path, monkeypatch):
     # A copy of the packaged folder whose weights changed by one byte must not load as "minilm".
     import shutil
 
-    src = encoders.PACKAGED_MODELS["minilm"].fetch()
+    src = pretrained.PACKAGED_MODELS["minilm"].fetch()
     monkeypatch.setenv("ER_RAY_HOME", str(tmp_path))
     dst = tmp_path / "models" / "minilm"
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"
-    assert encoders.weights_sha256(dst) == SHA["minilm"]  # hashed once, and remembered for this process
+    assert pretrained.weights_sha256(dst) == SHA["minilm"]  # hashed once, and remembered for this process
     before = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))  # in place: same inode, same size
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: the memo must still see it
-    with pytest.raises(encoders.ModelError, match="sha256 .* != the pinned"):
-        encoders.load_encoder("minilm")
+    with pytest.raises(pretrained.ModelError, match="sha256 .* != the pinned"):
+        pretrained.load_encoder("minilm")
 
 
 def test_local_folder_and_unknown_names(tmp_path):
-    folder = encoders.PACKAGED_MODELS["minilm"].fetch()
-    enc = encoders.load_encoder(str(folder))
+    folder = pretrained.PACKAGED_MODELS["minilm"].fetch()
+    enc = pretrained.load_encoder(str(folder))
     assert enc.weights_sha256 == SHA["minilm"] and enc.num_layers == 6
-    with pytest.raises(encoders.ModelError, match="no such folder"):
-        encoders.load_encoder(str(tmp_path / "nothing-here"))
-    with pytest.raises(encoders.ModelError, match="could not be fetched from the hub"):
-        encoders.load_encoder("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1: fails fast, clearly
+    with pytest.raises(pretrained.ModelError, match="no such folder"):
+        pretrained.load_encoder(str(tmp_path / "nothing-here"))
+    with pytest.raises(pretrained.ModelError, match="could not be fetched from the hub"):
+        pretrained.load_encoder("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1: fails fast, clearly
 
 
 def test_cache_tokenizer_equals_the_transformers_tokenizer(encoder):
     # The cache pipeline tokenizes with the Rust tokenizer directly (cheap to import in Ray workers); training
     # from text and prediction use transformers' tokenizer. They must give the same ids and word ids.
     from er_ray import tasks
-    from er_ray.cache import tokenizer_for
+    from er_ray.tokenizer import tokenizer_for
 
     texts = tasks.load_task("trec").documents().column("text").to_pylist()[:200] + ["Héllo  wörld", "x " * 400]
     ref = encoder.tokenizer(texts, truncation=True, max_length=64)["input_ids"]

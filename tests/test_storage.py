@@ -24,7 +24,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from er_ray import cache, storage, tasks  # noqa: E402
-from er_ray.cache import CacheOptions, build_cache, open_cache  # noqa: E402
+from er_ray.cache import open_cache  # noqa: E402
+from er_ray.cache_build import build_cache  # noqa: E402
+from er_ray.options import CacheOptions  # noqa: E402
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 N_DOCS, SHARD_ROWS = 160, 16

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from er_ray import assets, tasks
+from er_ray.corpus import DataError
 from er_ray.tasks import TaskError, TaskSpec, load_spec, load_task
 
 # name -> (examples, train/dev/test, label set); sizes as documented in ../shared/ASSETS.md
@@ -137,22 +138,22 @@ def test_bad_task_files_name_file_row_and_field(tmp_path, case, train, dev, type
     files = {"train": write(tmp_path, "train", train, "jsonl")}
     if dev:
         files["dev"] = write(tmp_path, "dev", dev, "jsonl")
-    with pytest.raises(TaskError, match=message):
+    with pytest.raises(DataError, match=message):  # TaskError (a spec's) or DataError (a file's)
         load_spec(TaskSpec(name="bad", type=type_, files=files))
 
 
 def test_unreadable_files(tmp_path):
     broken = tmp_path / "train.parquet"
     broken.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(TaskError, match=r"cannot read .*train\.parquet: ArrowInvalid"):
+    with pytest.raises(DataError, match=r"cannot read .*train\.parquet: ArrowInvalid"):
         load_spec(TaskSpec(name="bad", files={"train": str(broken)}))
-    with pytest.raises(TaskError, match=r"cannot read .*missing\.csv"):
+    with pytest.raises(DataError, match=r"cannot read .*missing\.csv"):
         load_spec(TaskSpec(name="bad", files={"train": str(tmp_path / "missing.csv")}))
     bad_json = tmp_path / "train.jsonl"
     bad_json.write_text('{"id": "a", "text": "t", "label": "y"}\n{"id": "b", "text": \n')
-    with pytest.raises(TaskError, match=r"train\.jsonl, row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"train\.jsonl, row 2: not valid JSON"):
         load_spec(TaskSpec(name="bad", files={"train": str(bad_json)}))
-    with pytest.raises(TaskError, match=r"unknown file type '\.xlsx'"):
+    with pytest.raises(DataError, match=r"unknown file type '\.xlsx'"):
         load_spec(TaskSpec(name="bad", files={"train": str(tmp_path / "x.xlsx")}))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ import torch
 from conftest import all_cpus_free
 
 from er_ray import predict, tasks
-from er_ray.train import TrainOptions, _default_name, bio_spans, f1, span_counts, train
+from er_ray.metrics import bio_spans, f1, span_counts
+from er_ray.options import TrainOptions
+from er_ray.train import run_name, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 FAST = dict(epochs=2, batch_size=32, max_length=64, max_train_examples=1200)
@@ -80,7 +83,7 @@ def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    from er_ray.encoders import PACKAGED_MODELS
+    from er_ray.pretrained import PACKAGED_MODELS
 
     folder = PACKAGED_MODELS["minilm"].folder()
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(folder), str(run / "model" / "peft_adapter"))
@@ -102,14 +105,15 @@ def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_p
 def test_wnut16_reports_span_f1(ray_local, out):
     m = train(TrainOptions(task=["wnut16"], adapter="lora", adapter_size=8, output=str(out), epochs=2,
                            batch_size=16, max_length=64, learning_rate=2e-3))[0]
-    assert m["metric"] == "span_f1" and 0.0 <= m["test"] <= 1.0
-    assert "token_accuracy" in m["test_all"] and m["test_all"]["token_accuracy"] > 0.85  # mostly O tags
-    assert m["dev"] > 0.0  # finds some entities after two epochs
+    assert m["metric"] == "span_f1" and "token_accuracy" in m["test_all"]
+    # It finds whole entities, on dev and on test: predicting "O" everywhere (94.7% of test words) scores 0 here.
+    assert m["dev"] > 0.0 and m["test"] > 0.0, (m["dev"], m["test"])
+    assert m["test"] == m["test_all"]["span_f1"]
 
 
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
     base = dict(task=["trec"], cut_layer=3, output="unused")
-    names = {_default_name(TrainOptions(**base, **o), "trec") for o in
+    names = {run_name(TrainOptions(**base, **o), "trec", num_layers=6) for o in
              (dict(), dict(learning_rate=1e-3), dict(learning_rate=2e-3), dict(adapter_size=8),
               dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
     assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.002-s0", "trec-k3-lora8-s0",  # 1e-3 is the default
@@ -199,7 +203,7 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
 
 
 def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
-    from er_ray.train import TrainError
+    from er_ray.train_data import TrainDataError as TrainError
 
     cache_dir = next((out / "caches").iterdir())
     # 1,200 sampled training documents + 484 dev + 484 test, none of them in the TREC cache
@@ -231,7 +235,8 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path)
         p.kill()
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
-    assert "resuming after epoch" in log
+    # told on the console: the epoch after the kill ran again from the last checkpoint
+    assert re.search(r"\[er_ray train\] sms_spam-k3-lora16-s0: epoch [23]/3, loss .*, resumed", log), log[-3000:]
     m = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert m["epochs_run"] == 3 and any(h["resumed"] for h in m["history"])
 

@@ -1,0 +1,211 @@
+"""What a person sees: er_ray's own progress lines, numbers formatted; Ray's logs stay in Ray's log folder.
+
+    say("cache", "7/23 shards ...")    ->  [er_ray cache] 7/23 shards ...     (stderr; tables go to stdout)
+    progress("cache", 23)              ->  one line per step, or a bar redrawn in place on a terminal
+    fmt_score(0.91433) -> "0.9143"; fmt_seconds(125.3) -> "2 min 05 s"; fmt_count(5452) -> "5,452"
+
+`configure(verbose)` runs once per command, before Ray starts: unless --verbose, Ray's INFO logs, its worker
+processes' output and Ray Data's progress lines go only to Ray's session log folder (the dashboard shows them
+all), and er_ray prints its own progress from the driver (training epochs are relayed from the Train
+controller, see `epoch_relay`). Warnings and errors of Ray still reach the console.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import threading
+import time
+
+_state = {"verbose": True, "configured": False}
+# Known-benign lines of Ray that are not er_ray's to fix, dropped from the console unless --verbose:
+# - Ray Data hands its actors their constructor arguments as object refs, so every actor pool logs this ERROR
+#   line from the driver's core worker (Ray issue #57733; open); the actors restart fine here (tests kill them).
+BENIGN = (re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),)
+
+
+def verbose() -> bool:
+    return _state["verbose"]
+
+
+def configure(verbose: bool = False) -> None:
+    """Set how chatty Ray is for this process and the workers it starts (before Ray starts)."""
+    _state.update(verbose=verbose, configured=True)
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI colour codes in logs that land in files
+    if not verbose:
+        _filter_stderr()
+
+
+def quiet_ray() -> None:
+    """After `import ray`: Ray's and Ray Data's loggers print warnings and errors only (their files keep all)."""
+    if _state["verbose"]:
+        return
+    import logging
+
+    import ray.data
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+                h.setLevel(logging.WARNING)
+                h.addFilter(_drop_known_lines)  # a handler's filter also sees its child loggers' records
+        if name == "ray":
+            logger.setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _drop_known_lines(record) -> bool:
+    # Ray Data warns that it has no progress bars when asked for none (er_ray prints its own progress).
+    return "Progress bars disabled" not in str(record.msg)
+
+
+def say(stage: str, msg: str) -> None:
+    print(f"[er_ray {stage}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_score(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def fmt_count(n) -> str:
+    return f"{int(n):,}"
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+class progress:
+    """Steps of a long job: on a terminal one bar redrawn in place, elsewhere (logs, CI, a Ray Job) a line per
+    step. `update(done, detail)`; `close()` ends the bar's line."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total, self.t0 = stage, max(total, 1), time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._open = False
+
+    def update(self, done: int, detail: str) -> None:
+        if not self.tty:
+            say(self.stage, detail)
+            return
+        width = 24
+        filled = int(width * min(done, self.total) / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r\033[K[er_ray {self.stage}] [{bar}] {detail}")
+        sys.stderr.flush()
+        self._open = True
+
+    def close(self) -> None:
+        if self._open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training epochs, told on the driver: a Train controller callback puts a line in a queue this process drains.
+
+
+_relay: dict = {}
+
+
+def epoch_relay():
+    """A Ray Train callback that tells this process each reported epoch of a run (started once per process)."""
+    import ray
+    from ray.train import UserCallback
+    from ray.util.queue import Queue
+
+    if "queue" not in _relay:
+        # num_cpus=0: an actor otherwise needs a free CPU to be placed, and training holds them.
+        _relay["queue"] = Queue(actor_options={"num_cpus": 0, "max_restarts": 0})
+        threading.Thread(target=_drain, args=(_relay["queue"],), daemon=True, name="er_ray-epochs").start()
+
+    class EpochLines(UserCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if "epoch" in m:
+                self.queue.put_nowait(m)
+
+    del ray
+    return EpochLines(_relay["queue"])
+
+
+def epoch_line(m: dict) -> str:
+    return (f"{m['run']}: epoch {m['epoch']}/{m['epochs']}, loss {m['train_loss']:.4f}, dev {m['metric']} "
+            f"{fmt_score(m['dev_score'])}, {fmt_seconds(m['train_seconds'])} "
+            f"({m['examples_per_second']:,.0f} examples/s)" + (", resumed" if m.get("resumed") else ""))
+
+
+def _drain(queue) -> None:
+    import ray
+
+    # Trap: a Ray call after ray.shutdown() (at exit) starts a new local Ray; stop polling once Ray is down.
+    while ray.is_initialized():
+        try:
+            for m in queue.get_nowait_batch(queue.size()) if queue.size() else []:
+                say("train", epoch_line(m))
+        except Exception:  # Ray shut down: nothing more to tell
+            return
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known-benign C++ lines: the driver's core worker writes them straight to file descriptor 2, past Python's
+# logging, so they are dropped on their way out: fd 2 goes through a pipe that a thread copies to the console.
+
+
+def _filter_stderr() -> None:
+    if _state.get("filtering") or os.environ.get("ER_RAY_RAW_STDERR"):
+        return
+    try:
+        sys.stderr.flush()
+        console = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+    except OSError:
+        return
+    _state["filtering"] = True
+    thread = threading.Thread(target=_copy, args=(r, console), daemon=True, name="er_ray-stderr")
+    thread.start()
+
+    def restore():
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os.dup2(console, 2)  # the pipe's last write end here: the copier reads what is left, then EOF
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def _copy(r: int, console: int) -> None:
+    buf = b""
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while True:
+            chunk = pipe.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            out = [ln for ln in lines if not any(p.search(ln.decode("utf-8", "replace")) for p in BENIGN)]
+            if out:
+                os.write(console, b"\n".join(out) + b"\n")
+            if buf and not buf.startswith(b"["):  # a partial line (a redrawn bar) goes out now; Ray's C++ log
+                os.write(console, buf)             # lines start with "[" and come whole
+                buf = b""
+        if buf:
+            os.write(console, buf)

@@ -1,0 +1,474 @@
+"""Every verb's typed options: one model, each field declared once, composed.
+
+The groups are the parts a run is made of; the verbs compose them:
+
+    EncodingOptions  model, max_length, dtype              what a cache and every run over it agree on
+    VariantOptions   cut_layer, adapter, adapter_size, ... what a task model is (a sweep's grid axes)
+    RecipeOptions    epochs, learning_rate, seed, ...      how it is trained
+    ScaleOptions     workers, cpus_per_worker, ...         how much of the cluster a run takes
+
+    TrainOptions  = task, output, cache + all four groups          (er-ray train, finetune)
+    SweepOptions  = a TrainOptions + grid axes + the scheduler      (er-ray sweep)
+    StudyOptions  = a SweepOptions + models and seeds               (er-ray study)
+    DemoOptions   = a TrainOptions + the task to compare            (er-ray demo)
+    CacheOptions  = EncodingOptions + CorpusOptions + PoolOptions   (er-ray cache)
+    PredictOptions = CorpusOptions + PoolOptions + run              (er-ray predict)
+
+A field another verb holds is never declared again, with one exception, by design: a grid axis is the list of
+values to try of a field its held options declare once (the sweep's `cut_layer: list[int]` over
+`TrainOptions.cut_layer`; the study's `model` and `seed` lists), and replaces that field on the command line.
+The string under each field is its `--help`. `cli.py` turns these into flags (nested options flatten into one
+flag set) and `--config recipe.yaml` files; Python callers build the same objects. This module imports nothing
+heavy: `er-ray --help` must not pay for torch or Ray.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import OptionsError
+
+Adapter = Literal["lora", "bottleneck", "full"]
+ADAPTERS: tuple[str, ...] = ("lora", "bottleneck", "full")
+Dtype = Literal["fp32", "fp16", "bf16", "int8"]
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# The peak learning rate of each adapter kind when none is given.
+# The bottleneck adapter at 2 epochs (BENCHMARKS.md): 3e-3 gets within a point of fine-tuning where 1e-3 trails by
+# 1.6-3.2 points (MiniLM TREC and clothing, mpnet TREC), but collapsed to the majority class on one of three mpnet
+# clothing seeds. A default must not do that: 1e-3 stays, and a sweep over --learning-rate finds the rest.
+DEFAULT_LR = {"lora": 1e-3, "bottleneck": 1e-3, "full": 1e-4}
+BUILTIN_TASKS = ("trec", "sms_spam", "movie_sentiment", "clothing_rating", "clothing_recommended",
+                 "clothing_department", "wnut16")  # er_ray.tasks.BUILTINS, named here without importing it
+CLOTHING = ["clothing_rating", "clothing_recommended", "clothing_department"]
+
+
+def _at_least(opts, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(opts, name)
+        if value is not None and value < minimum:
+            raise OptionsError(f"--{flag(name)} must be at least {minimum:g}, got {value}")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _listed(value):
+    """A single value where a list is expected (`task="trec"`) becomes a one-item list."""
+    return [value] if isinstance(value, (str, int, float)) else list(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The groups
+
+
+@dataclass(kw_only=True)
+class EncodingOptions:
+    """What a cache and every run reading it agree on."""
+
+    model: str = "minilm"
+    """packaged model name (er-ray models), local folder, or hub id"""
+    max_length: int = 128
+    """tokens per document at most; longer documents are truncated (and counted in the cache's manifest)"""
+    dtype: Dtype = "fp16"
+    """storage type of cached activations: fp16, bf16, int8 (per-token scale) or fp32"""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        _at_least(self, 2, "max_length")
+
+
+@dataclass(kw_only=True)
+class VariantOptions:
+    """What a task model is: where it is cut and what of it trains (a sweep's grid axes)."""
+
+    cut_layer: int | None = None
+    """cut layer k: the task model runs layers k+1..L (default: half the layers)"""
+    adapter: Adapter = "lora"
+    """lora (PEFT, size = rank), bottleneck (Houlsby, size = width) or full (upper layers fully trained)"""
+    adapter_size: int = 16
+    """LoRA rank or bottleneck width"""
+    learning_rate: float | None = None
+    """peak learning rate (default: 1e-3 for lora and bottleneck, 1e-4 for full)"""
+    full_finetune: bool = False
+    """train the whole model from text (the baseline), instead of a recycled model from the cache"""
+    from_text: bool = False
+    """run layers 1..k on raw text every step instead of reading the cache (with --cut-layer 0 and --adapter
+    lora: PEFT LoRA on every layer, what a PEFT user does without er_ray)"""
+
+    def __post_init__(self):
+        if self.adapter not in ADAPTERS:
+            raise OptionsError(f"--adapter must be one of {', '.join(ADAPTERS)}, not {self.adapter!r}")
+        if self.full_finetune:
+            self.adapter = "full"
+        _at_least(self, 1, "adapter_size")
+        _at_least(self, 0, "cut_layer")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise OptionsError(f"--learning-rate must be above 0, got {self.learning_rate}")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate this run uses."""
+        return self.learning_rate or DEFAULT_LR[self.adapter]
+
+
+@dataclass(kw_only=True)
+class RecipeOptions:
+    """How a task model is trained."""
+
+    epochs: int = 3
+    """passes over the training data at most (early stopping may end sooner)"""
+    patience: int | None = 2
+    """stop after this many epochs without a better dev metric (none: train every epoch)"""
+    batch_size: int = 32
+    """examples per step per worker"""
+    seed: int = 0
+    """seed for the head, adapters and data order"""
+    max_train_examples: int | None = None
+    """train on at most this many examples (quick runs); dev and test stay whole"""
+    precision: Precision = "auto"
+    """auto: fp32 on CPU, bf16 (or fp16 where bf16 is missing) on GPU; fp16 needs a GPU"""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1 or 2"""
+
+    def __post_init__(self):
+        _at_least(self, 1, "epochs", "patience", "batch_size", "max_train_examples")
+        if self.zero_stage not in (0, 1, 2):
+            raise OptionsError("--zero-stage must be 0, 1 or 2 (ZeRO-3 is not supported: it partitions the frozen "
+                               "weights too and makes adapter checkpoints costly)")
+
+
+@dataclass(kw_only=True)
+class ScaleOptions:
+    """How much of the cluster a run takes."""
+
+    workers: int = 1
+    """Ray Train workers per run (data parallel)"""
+    cpus_per_worker: float | None = None
+    """CPUs Ray reserves per worker (default: a share that leaves room for Ray Data and concurrent runs)"""
+    max_failures: int = 2
+    """times a run restarts from its last checkpoint after a worker dies"""
+
+    def __post_init__(self):
+        _at_least(self, 1, "workers")
+        _at_least(self, 0, "max_failures")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise OptionsError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
+
+
+@dataclass(kw_only=True)
+class CorpusOptions:
+    """Documents: a built-in task (all its documents), or corpus files."""
+
+    corpus: list[str] = field(default_factory=list)
+    """a built-in task name or task spec (all its documents), or corpus files / directories of .parquet, .csv,
+    .jsonl"""
+    id_column: str = "id"
+    """column holding unique document ids"""
+    text_column: str = "text"
+    """column holding the text (or, for token classification corpora, the list of words)"""
+
+    def __post_init__(self):
+        self.corpus = _listed(self.corpus)
+
+
+@dataclass(kw_only=True)
+class PoolOptions:
+    """The actors that run a model over documents (the cache's lower layers, predict's task model)."""
+
+    workers: int | None = None
+    """actors (default: one per GPU; one on a CPU-only cluster)"""
+    batch_size: int = 64
+    """documents per forward pass (bucketed by length)"""
+
+    def __post_init__(self):
+        _at_least(self, 1, "workers", "batch_size")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verbs
+
+
+@dataclass(kw_only=True)
+class TrainOptions(EncodingOptions, VariantOptions, RecipeOptions, ScaleOptions):
+    """er-ray train / finetune: one task model per task, all at once."""
+
+    task: list[str] = field(default_factory=list)
+    """task(s): built-in names or spec files; several train concurrently over one cache"""
+    output: str = "runs"
+    """where runs, caches and the results table go"""
+    cache: str | None = None
+    """cache directory (default: OUTPUT/caches/<corpus>, built if missing: tasks sharing a corpus share it)"""
+
+    def __post_init__(self):
+        for base in (EncodingOptions, VariantOptions, RecipeOptions, ScaleOptions):
+            base.__post_init__(self)
+        self.task = _listed(self.task)
+
+    def require_task(self) -> None:
+        if not self.task:
+            raise OptionsError("name at least one --task (a built-in task: er-ray tasks; or a task spec file)")
+
+
+@dataclass(kw_only=True)
+class SweepOptions:
+    """er-ray sweep: a grid of trials per task; each trial is `train` with one grid point put in."""
+
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(output="sweep", patience=None, max_failures=1),
+                                metadata={"hide": ("full_finetune", "from_text", "cache")})
+    """what every trial shares (its cut layer, adapter, size and learning rate come from the grid)"""
+    cut_layer: list[int] = field(default_factory=list)
+    """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers)"""
+    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
+    """adapter kinds to try: lora, bottleneck, full"""
+    adapter_size: list[int] = field(default_factory=lambda: [8, 32])
+    """adapter sizes to try (LoRA rank, bottleneck width; ignored by full)"""
+    learning_rate: list[float] = field(default_factory=list)
+    """learning rates to try (default: one per adapter kind, as `er-ray train` uses)"""
+    caches: str | None = None
+    """where the caches live (default: the sweep's folder); point train runs and sweeps at one place to share"""
+    max_concurrent_trials: int | None = None
+    """trials at once (default: what the cluster's GPUs, or CPUs, hold)"""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha stops weak trials early (per task); fifo runs every trial to the end"""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped"""
+    reduction_factor: float = 2
+    """ASHA: keep the best 1/reduction_factor of trials at each rung"""
+
+    def __post_init__(self):
+        self.cut_layer, self.adapter = _listed(self.cut_layer), _listed(self.adapter)
+        self.adapter_size, self.learning_rate = _listed(self.adapter_size), _listed(self.learning_rate)
+        bad = [a for a in self.adapter if a not in ADAPTERS]
+        if bad or not self.adapter:
+            raise OptionsError(f"--adapter must be among {', '.join(ADAPTERS)} (got {bad or 'none'})")
+        if bad := [s for s in self.adapter_size if s < 1]:
+            raise OptionsError(f"--adapter-size must be at least 1, got {bad[0]}")
+        if bad := [r for r in self.learning_rate if not r > 0]:
+            raise OptionsError(f"--learning-rate must be above 0, got {bad[0]}")
+        if bad := [k for k in self.cut_layer if k < 0]:
+            raise OptionsError(f"--cut-layer must be at least 0, got {bad[0]}")
+        _at_least(self, 1, "grace_period", "max_concurrent_trials")
+        if self.reduction_factor <= 1:
+            raise OptionsError(f"--reduction-factor must be above 1, got {self.reduction_factor}")
+        if self.scheduler == "asha" and self.grace_period > self.train.epochs:
+            raise OptionsError(f"--grace-period {self.grace_period} exceeds --epochs {self.train.epochs}")
+
+
+def _study_sweep() -> SweepOptions:
+    return SweepOptions(train=TrainOptions(task=list(BUILTIN_TASKS), output="study", patience=None, max_failures=1))
+
+
+@dataclass(kw_only=True)
+class StudyOptions:
+    """er-ray study: per model, a sweep, then fine-tuning against the recycled picks, once per seed."""
+
+    sweep: SweepOptions = field(default_factory=_study_sweep)
+    """the sweep run per model; its train options are every run's (output: the study's folder)"""
+    model: list[str] = field(default_factory=lambda: ["minilm", "mpnet"])
+    """models to study"""
+    seed: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds: every compared configuration is trained once per seed (mean and spread reported); the sweep uses
+    the first"""
+    max_concurrent_runs: int | None = None
+    """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
+
+    def __post_init__(self):
+        self.model, self.seed = _listed(self.model), _listed(self.seed)
+        if not self.model or not self.seed:
+            raise OptionsError("--model and --seed need at least one value each")
+        _at_least(self, 1, "max_concurrent_runs")
+
+    @property
+    def train(self) -> TrainOptions:
+        return self.sweep.train
+
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    """er-ray demo: the main job on the embedded default."""
+
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(
+        task=list(CLOTHING), output="demo-output", epochs=2, patience=None, max_train_examples=1000, max_length=64),
+        metadata={"hide": ("full_finetune", "from_text", "cache")})
+    """the recycled runs (their cut layer, adapter and size); the baseline is the same with full fine-tuning"""
+    compare: str = "clothing_department"
+    """the task also fully fine-tuned from text, the baseline the recycled model is compared with"""
+
+    def __post_init__(self):
+        if self.compare not in self.train.task:
+            raise OptionsError(f"--compare {self.compare} must be one of the --task list {self.train.task}")
+
+
+@dataclass(kw_only=True)
+class CacheOptions(EncodingOptions, CorpusOptions, PoolOptions):
+    """er-ray cache: a corpus's layer-k activations, once."""
+
+    output: str = ""
+    """cache directory or URI (s3://bucket/prefix?endpoint_override=...); each cut layer goes to
+    OUTPUT/layer=<k>/ with its manifest.json"""
+    cut_layer: list[int] = field(default_factory=list)
+    """cut layer(s) k, comma-separated (e.g. 2,3,4): all from one forward pass (default: half the layers)"""
+    threads: int | None = None
+    """torch threads per actor on CPU (default: the cluster's CPUs divided among the actors)"""
+    shard_rows: int = 1024
+    """documents per Parquet shard: the unit of work, of resume and of verification"""
+    compression: Literal["none", "zstd", "lz4", "snappy"] = "zstd"
+    """Parquet compression of the shards (zstd makes fp16 caches ~8% smaller for ~1% of the build time)"""
+    skip_bad_rows: bool = False
+    """skip empty, missing or non-string texts (counted and listed in the manifest) instead of failing"""
+    derive_from: int | None = None
+    """derive the cut layer(s) from this shallower layer's cache in OUTPUT (no raw text, no lower layers)"""
+
+    def __post_init__(self):
+        for base in (EncodingOptions, CorpusOptions, PoolOptions):
+            base.__post_init__(self)
+        self.cut_layer = _listed(self.cut_layer)
+        _at_least(self, 1, "threads", "shard_rows")
+        _at_least(self, 0, "derive_from")
+        if not self.output:
+            raise OptionsError("--output is required: the cache directory")
+        if not self.corpus and self.derive_from is None:
+            raise OptionsError("--corpus is required (a built-in task, or corpus files)")
+
+
+@dataclass(kw_only=True)
+class PredictOptions(CorpusOptions, PoolOptions):
+    """er-ray predict: label documents with a trained run."""
+
+    run: str = ""
+    """a trained run's directory (holding model/task.json), as `er-ray train` prints it: a path or a URI"""
+    output: str = ""
+    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word): a path or a URI"""
+    cache: str | None = None
+    """read layer-k states from this cache instead of running the lower layers on raw text"""
+
+    def __post_init__(self):
+        for base in (CorpusOptions, PoolOptions):
+            base.__post_init__(self)
+        if not self.run or not self.output:
+            raise OptionsError("--run and --output are required")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flat view: a verb's options as one list of fields (its flags), and options built from flat values
+
+
+@dataclasses.dataclass
+class Flag:
+    name: str  # the field's name: --name-with-dashes
+    type: Any
+    default: Any
+    doc: str
+    group: str  # the title of the options group that declares it
+    positional: bool = False
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (how litgpt and jsonargparse document options)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _declared_by(cls: type, name: str) -> type:
+    """The class in cls's MRO whose own body declares the field (for grouping the help)."""
+    for klass in reversed(cls.__mro__):
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass
+    return cls
+
+
+def _title(klass: type) -> str:
+    return (inspect.getdoc(klass) or klass.__name__).splitlines()[0].rstrip(".")
+
+
+def held_options(cls: type) -> dict[str, type]:
+    """Fields of a verb's options that hold other options (a sweep's `train`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def flags(cls: type, defaults: Any = None) -> list[Flag]:
+    """The flat flag list of a verb's options: the fields of the options it holds (with their defaults as this verb
+    sets them), minus those its own fields replace (grid axes) or it sets itself (`hide`), then its own fields;
+    grouped for --help by the class that declares them, verbs before the groups they compose."""
+    hints, docs, nested = typing.get_type_hints(cls), field_docs(cls), held_options(cls)
+    own = [f for f in dataclasses.fields(cls) if f.init and f.name not in nested]
+    names = {f.name for f in own}
+    out = []
+    for name, inner in nested.items():
+        f = next(x for x in dataclasses.fields(cls) if x.name == name)
+        inner_defaults = getattr(defaults, name) if defaults is not None else _default(f)
+        hidden = names | set(f.metadata.get("hide", ()))
+        out += [x for x in flags(inner, inner_defaults) if x.name not in hidden]
+    for f in own:
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        out.append(Flag(f.name, hints[f.name], default, docs.get(f.name, ""), _title(_declared_by(cls, f.name)),
+                        positional=f.metadata.get("positional", False)))
+    verbs = [x.group for x in out if x.group not in _GROUP_TITLES]
+    rank = {g: i for i, g in enumerate(dict.fromkeys(verbs + list(_GROUP_TITLES)))}
+    return sorted(out, key=lambda x: rank[x.group])  # stable: fields keep their order within a group
+
+
+_GROUP_TITLES = ("Documents: a built-in task (all its documents), or corpus files",
+                 "What a task model is: where it is cut and what of it trains (a sweep's grid axes)",
+                 "How a task model is trained", "What a cache and every run reading it agree on",
+                 "How much of the cluster a run takes",
+                 "The actors that run a model over documents (the cache's lower layers, predict's task model)")
+
+
+def build(cls: type, values: dict[str, Any] | None = None, base: Any = None, **more: Any):
+    """Options of `cls` from flat values (flag names, as `--help` shows them): the CLI, recipe files and Python
+    callers who prefer one flat call all go through here. Unknown names are an error."""
+    values = {**(values or {}), **more}
+    known = {f.name for f in flags(cls)}
+    if unknown := sorted(set(values) - known):
+        raise OptionsError(f"unknown option(s) {', '.join('--' + flag(u) for u in unknown)} "
+                           f"(see --help for this verb's options)")
+    return _build(cls, values, base)
+
+
+def _build(cls: type, values: dict[str, Any], base: Any):
+    nested = held_options(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in nested:
+            inner_base = getattr(base, f.name) if base is not None else _default(f)
+            own = {x.name for x in dataclasses.fields(cls) if x.name not in nested}
+            kwargs[f.name] = _build(nested[f.name], {k: v for k, v in values.items() if k not in own}, inner_base)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif base is not None:
+            kwargs[f.name] = getattr(base, f.name)
+    return cls(**kwargs)

@@ -1,0 +1,359 @@
+"""The loop every Ray Train worker runs: a task model in a DeepSpeed engine, epochs, dev evaluation, checkpoints.
+
+    train_loop(asdict(LoopConfig(...)))       # TorchTrainer's train_loop_per_worker
+
+`LoopConfig` is everything the driver resolved (typed; it travels as a dict), `LoopState` what a checkpoint keeps
+between epochs, `Worker` the model, engine and data of one worker with one method per step: `train_epoch`,
+`evaluate`, `save`, `finish`. Checkpoints hold the trainable weights and optimizer state only (never the frozen
+model); a run resumes from its last one after a worker dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import f1, span_counts
+from .model import IGNORE
+
+
+@dataclass
+class LoopConfig:
+    """What a worker needs, resolved on the driver."""
+
+    run: str
+    task: str
+    model: str
+    spec: dict[str, Any]
+    """the task model (`ModelSpec` fields)"""
+    labels: list[str]
+    metric: str
+    learning_rate: float
+    epochs: int
+    patience: int | None
+    batch_size: int
+    zero_stage: int
+    precision: str
+    seed: int
+    max_length: int
+    workers: int
+    train_rows: int
+    has_test: bool
+    source: str
+    """cache (rows of layer-k states) or text (rows of texts)"""
+    hidden: int
+    cache_dtype: str | None
+    threads: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two runs the same run (threads do not)."""
+        return {k: v for k, v in asdict(self).items() if k != "threads"}
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint keeps between epochs (loop.json, and best.pt for the best epoch's weights)."""
+
+    epochs_done: int = 0
+    best: float = -1.0
+    best_dev: dict = field(default_factory=dict)
+    """the best epoch's dev scores: the final report reuses them instead of evaluating again"""
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    stopped: bool = False
+    """a finished run: a resumed one is not trained again"""
+    best_weights: dict | None = None
+
+    def record(self, dev: dict, metric: str, weights) -> None:
+        if dev[metric] > self.best:
+            self.best, self.best_dev, self.stale = dev[metric], dev, 0
+            self.best_weights = weights()
+        else:
+            self.stale += 1
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        loop = {k: v for k, v in asdict(self).items() if k != "best_weights"}
+        (folder / "loop.json").write_text(json.dumps(loop))
+        if self.best_weights is not None:
+            torch.save(self.best_weights, folder / "best.pt")
+
+    @classmethod
+    def load(cls, folder: Path) -> LoopState:
+        import torch
+
+        state = cls(**json.loads((folder / "loop.json").read_text()))
+        if (folder / "best.pt").exists():
+            state.best_weights = torch.load(folder / "best.pt", weights_only=True)
+        return state
+
+
+def deepspeed_config(batch_size: int, world: int, zero: int, precision: str) -> dict:
+    return {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": batch_size * world, "zero_optimization": {"stage": zero},
+            "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+            "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def init_deepspeed(model, optimizer, scheduler, cfg: dict, cpu: bool):
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+
+    # On CPU DeepSpeed JIT-compiles a shared-memory collective op (~50 s, at every start) unless told not to; we
+    # use plain gloo. `import deepspeed.comm.torch as m` would bind the real torch module: patch via sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")  # wraps the group Ray Train made
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+    return engine
+
+
+def warmup_then_linear_decay(optimizer, total_steps: int, warmup_fraction: float = 0.06):
+    import torch
+
+    warmup = max(1, int(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+
+class Worker:
+    """One Ray Train worker's model, engine and data."""
+
+    def __init__(self, cfg: LoopConfig):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from .model import ModelSpec, TaskModel
+        from .pretrained import load_encoder
+
+        self.cfg, self.started_at = cfg, time.time()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = ray.train.torch.get_device()
+        self.enc = load_encoder(cfg.model)
+        self.spec = ModelSpec(**cfg.spec)
+        self.model = TaskModel(self.enc.model, self.spec).to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
+        steps_per_epoch = max(1, -(-cfg.train_rows // (cfg.batch_size * self.world)))
+        scheduler = warmup_then_linear_decay(optimizer, steps_per_epoch * cfg.epochs)
+        self.engine = init_deepspeed(self.model, optimizer, scheduler,
+                                     deepspeed_config(cfg.batch_size, self.world, cfg.zero_stage, cfg.precision),
+                                     self.device.type == "cpu")
+        self.data_spec = {"source": cfg.source, "task_type": self.spec.task_type, "hidden": cfg.hidden,
+                          "cache_dtype": cfg.cache_dtype, "pad_id": self.enc.tokenizer.pad_token_id or 0}
+        self.tokenizer = self.enc.tokenizer if cfg.source == "text" else None
+
+    def batches(self, split: str, shuffle_seed: int | None):
+        import ray.train
+
+        from .train_data import batches
+
+        return batches(ray.train.get_dataset_shard(split), self.data_spec, self.cfg.batch_size, shuffle_seed,
+                       self.tokenizer, self.cfg.max_length)
+
+    def resume(self) -> tuple[LoopState, bool]:
+        """The state after the last checkpoint (DeepSpeed's own state restored into the engine), or a fresh one."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return LoopState(), False
+        with ckpt.as_directory() as d:
+            self.engine.load_checkpoint(d, tag="latest_ds", load_module_strict=False)
+            state = LoopState.load(Path(d))
+        return state, True
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        data_s = step_s = loss_sum = 0.0
+        n_steps = n_ex = 0
+        it = self.batches("train", self.cfg.seed * 1000 + epoch)
+        while True:
+            td = time.perf_counter()
+            nxt = next(it, None)
+            data_s += time.perf_counter() - td
+            if nxt is None:
+                break
+            x, mask, y, _ = nxt
+            ts = time.perf_counter()
+            logits = self.engine(x.to(self.device), mask.to(self.device))
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     y.to(self.device).reshape(-1), ignore_index=IGNORE)
+            self.engine.backward(loss)
+            self.engine.step()
+            step_s += time.perf_counter() - ts
+            loss_sum += loss.detach().item()
+            n_steps += 1
+            n_ex += len(y)
+        train_s = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(n_steps, 1), "train_seconds": train_s,
+                "examples_per_second": n_ex * self.world / max(train_s, 1e-9), "data_seconds": data_s,
+                "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9)}
+
+    def evaluate(self, split: str) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        self.engine.eval()
+        correct = tp = fp = fn = tokens_ok = total = 0
+        with torch.no_grad():
+            for x, mask, y, wids in self.batches(split, None):
+                pred = self.engine(x.to(self.device), mask.to(self.device)).float().cpu().argmax(-1)
+                if wids is None:
+                    correct += int((pred == y).sum())
+                    total += len(y)
+                    continue
+                keep = y != IGNORE
+                tokens_ok += int((pred[keep] == y[keep]).sum())
+                total += int(keep.sum())
+                names = self.cfg.labels
+                for j in range(len(y)):
+                    a, b, c = span_counts([names[t] for t in y[j][keep[j]].tolist()],
+                                          [names[t] for t in pred[j][keep[j]].tolist()])
+                    tp, fp, fn = tp + a, fp + b, fn + c
+        counts = torch.tensor([correct, tp, fp, fn, tokens_ok, total], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        correct, tp, fp, fn, tokens_ok, total = counts.tolist()
+        self.engine.train()
+        if self.spec.task_type == "classification":
+            return {"accuracy": correct / max(total, 1), "examples": int(total)}
+        return {"span_f1": f1(tp, fp, fn), "token_accuracy": tokens_ok / max(total, 1), "examples": int(total)}
+
+    def trainable_weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+
+    def save(self, state: LoopState, folder: Path) -> None:
+        """A checkpoint: every rank saves its DeepSpeed state (ZeRO partitions the optimizer), frozen weights left
+        out; rank 0 adds the loop's state."""
+        self.engine.save_checkpoint(str(folder), tag="latest_ds", exclude_frozen_parameters=True)
+        if self.rank == 0:
+            state.save(folder)
+
+    def finish(self, state: LoopState, folder: Path) -> dict:
+        """The best epoch's weights back in, test scored once, and (rank 0) the exported model and metrics.json
+        inside the last checkpoint."""
+        import torch
+
+        cfg, metric = self.cfg, self.cfg.metric
+        if state.best_weights is not None:
+            with torch.no_grad():
+                named = dict(self.model.named_parameters())
+                for k, v in state.best_weights.items():
+                    named[k].copy_(v)
+        dev = state.best_dev or self.evaluate("dev")  # the best epoch's own scores: the same weights
+        test = self.evaluate("test") if cfg.has_test else {}
+        history = state.history
+        train_s = sum(h["train_seconds"] for h in history)
+        metrics = {"run": cfg.run, "task": cfg.task, "model": cfg.model, "metric": metric,
+                   "dev": dev.get(metric), "test": test.get(metric), "dev_all": dev, "test_all": test,
+                   "cut_layer": self.spec.cut_layer, "adapter": self.spec.adapter,
+                   "adapter_size": None if self.spec.adapter == "full" else self.spec.adapter_size,
+                   "recycled": self.spec.source == "cache", "full_finetune": self.spec.full_finetune,
+                   "train_seconds": train_s, "epochs_run": len(history),
+                   "seconds_per_epoch": train_s / max(len(history), 1),
+                   "examples_per_second": float(np.mean([h["examples_per_second"] for h in history])),
+                   "data_stall": float(np.mean([h["data_stall"] for h in history])),
+                   "trainable_parameters": self.model.num_trainable(), "learning_rate": cfg.learning_rate,
+                   "batch_size": cfg.batch_size, "workers": cfg.workers, "precision": cfg.precision,
+                   "zero_stage": cfg.zero_stage, "seed": cfg.seed, "history": history,
+                   "started_at": self.started_at, "finished_at": time.time(),
+                   "deepspeed": {"world_size": self.world, "global_steps": self.engine.global_steps,
+                                 "zero_stage": self.engine.zero_optimization_stage(),
+                                 "optimizer": type(self.engine.optimizer).__name__}}
+        if self.rank == 0:
+            self.export(folder / "model")
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return {"final": True, "dev": dev.get(metric), "test": test.get(metric)}
+
+    def export(self, out: Path) -> None:
+        """trainable.safetensors + task.json (+ a PEFT adapter that plain transformers + peft load)."""
+        from safetensors.torch import save_file
+
+        out.mkdir()
+        save_file({k: v.contiguous() for k, v in self.model.trainable_state_dict().items()},
+                  out / "trainable.safetensors")
+        (out / "task.json").write_text(json.dumps({"spec": self.spec.to_json(), "labels": self.cfg.labels,
+                                                   "model": self.cfg.model, "weights_sha256": self.enc.weights_sha256,
+                                                   "max_length": self.cfg.max_length,
+                                                   "cache_dtype": self.cfg.cache_dtype}, indent=1))
+        if self.model.peft is not None:
+            self.model.peft.save_pretrained(str(out / "peft_adapter"))
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker: epochs until `epochs` or `patience` epochs without a better dev metric,
+    each reported to Ray Train with its checkpoint (the last one holds the exported model)."""
+    import ray.train
+
+    cfg = LoopConfig(**config)
+    worker = Worker(cfg)
+    state, resumed = worker.resume()
+    live = LiveMetrics(cfg) if worker.rank == 0 else None
+    worker.engine.train()
+    for epoch in range(state.epochs_done, cfg.epochs if not state.stopped else 0):
+        row = worker.train_epoch(epoch)
+        dev = worker.evaluate("dev")
+        state.record(dev, cfg.metric, worker.trainable_weights)
+        row = {"run": cfg.run, "epoch": epoch + 1, "epochs": cfg.epochs, "metric": cfg.metric,
+               "resumed": resumed and epoch == state.epochs_done, f"dev_{cfg.metric}": dev[cfg.metric],
+               "dev_score": dev[cfg.metric],  # one name for every task's metric: what a sweep's scheduler compares
+               "trainable_parameters": worker.model.num_trainable(), **row}
+        state.history.append(row)
+        state.epochs_done = epoch + 1
+        state.stopped = (cfg.patience is not None and state.stale >= cfg.patience) or epoch + 1 == cfg.epochs
+        if live:
+            live.epoch(epoch + 1, row["train_loss"], dev[cfg.metric], row["examples_per_second"])
+        with tempfile.TemporaryDirectory() as d:
+            worker.save(state, Path(d))
+            if state.stopped:
+                row.update(worker.finish(state, Path(d)))
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if state.stopped:
+            break
+
+
+class LiveMetrics:
+    """Loss, throughput, epoch and dev metric per run, through Ray's metrics API: the dashboard's Metrics view
+    (and Prometheus/Grafana where the cluster has them) shows every concurrent task side by side."""
+
+    def __init__(self, cfg: LoopConfig):
+        from ray.util import metrics
+
+        tags = ("run", "task", "metric")
+        self.tags = {"run": cfg.run, "task": cfg.task, "metric": cfg.metric}
+        self.loss = metrics.Gauge("er_ray_train_loss", "mean training loss of the last epoch", tags)
+        self.speed = metrics.Gauge("er_ray_train_examples_per_second", "training examples per second", tags)
+        self.dev = metrics.Gauge("er_ray_train_dev_metric", "dev metric after the last epoch", tags)
+        self.epochs = metrics.Gauge("er_ray_train_epoch", "epochs finished", tags)
+
+    def epoch(self, epoch: int, loss: float, dev: float, speed: float) -> None:
+        self.loss.set(loss, tags=self.tags)
+        self.speed.set(speed, tags=self.tags)
+        self.dev.set(dev, tags=self.tags)
+        self.epochs.set(epoch, tags=self.tags)
+
+    def final(self, metrics: dict) -> None:
+        """The finished run's dev metric and epochs, set again by the process that publishes the run. Trap: Ray
+        exports a process's metrics every few seconds, and a training worker exits soon after its last epoch, so
+        its last values could leave with it (seen: a dev metric never reached the dashboard)."""
+        if metrics.get("dev") is not None:
+            self.dev.set(metrics["dev"], tags=self.tags)
+        self.epochs.set(metrics["epochs_run"], tags=self.tags)
