@@ -60,6 +60,9 @@ class CacheMismatch(CacheError):
     pass
 
 
+_CHECKED: set[tuple[str, int, int]] = set()  # shard file versions found whole in this process
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Manifest
 
@@ -182,17 +185,41 @@ class Cache:
         """The manifest's shards (local paths or URIs)."""
         return [storage.join(self.path, s["file"]) for s in self.manifest.shards]
 
+    def check_shards(self) -> None:
+        """Refuse to read a cache whose shards are not what the manifest committed: a missing shard, or one whose
+        size or sha256 differs (a flipped byte), is an error naming it. Each file version is checked once per
+        process (hashing costs about a read of the shard: see BENCHMARKS.md)."""
+        root = str(self.path).rsplit("/layer=", 1)[0]
+        for s in self.manifest.shards:
+            f = storage.join(self.path, s["file"])
+            try:
+                key = (f, *storage.version(f))
+            except FileNotFoundError:
+                raise CacheError(f"{f}: this shard of the cache is missing (run `er-ray cache verify {root}`; "
+                                 f"building the cache again re-encodes only what is missing)") from None
+            if key in _CHECKED:
+                continue
+            problem = (f"{key[1]} bytes, the manifest says {s['bytes']}" if key[1] != s["bytes"] else
+                       "its sha256 differs from the manifest's" if storage.sha256(f) != s["sha256"] else None)
+            if problem:
+                raise CacheError(f"{f}: a damaged shard ({problem}); nothing was read from this cache (run "
+                                 f"`er-ray cache verify {root}`; delete the bad shard and build again to re-encode "
+                                 f"it)")
+            _CHECKED.add(key)
+
     def ids(self) -> list[str]:
         return self.read(columns=["id"]).column("id").to_pylist() if self.files else []
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache as one Arrow table (small caches and tests; training streams it with Ray Data)."""
+        self.check_shards()
         return pa.concat_tables([storage.read_parquet(f, columns) for f in self.files])
 
     def dataset(self, columns: list[str] | None = None):
         """A Ray Dataset over exactly the manifest's shards (read through the cache's filesystem)."""
         import ray.data
 
+        self.check_shards()
         if storage.is_local(self.path):
             return ray.data.read_parquet(self.files, columns=columns)
         fs, _ = storage.resolve(self.path)

@@ -5,6 +5,7 @@ training, sweeps and the demo call: a task's corpus cached (or extended) at the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from . import storage
 from .cache import KEY_FIELDS, SHARD, CacheMismatch, Manifest, check_key, layer_dir, open_cache, shard_name, versions
 from .console import fmt_seconds, progress, say
-from .corpus import read_ids, resolve_corpus
+from .corpus import doc_hashes, read_ids, resolve_corpus
 from .errors import OptionsError, run_pipeline
 from .options import CacheOptions
 
@@ -38,10 +39,10 @@ def plan_shards(file_ids: list[tuple[str, list[str]]], done: set[str], shard_row
 def build_cache(opts: CacheOptions) -> dict[int, Manifest]:
     """Encode a corpus's layer-k activations into OUTPUT, once: committed shards are skipped, so a re-run encodes
     nothing, an interrupted run resumes, and a grown corpus encodes only its new documents."""
-    from .cluster import connect
     from .encoders import check_cut_layer, default_cut_layer
     from .pretrained import fingerprint
 
+    storage.writable_folder(opts.output)
     fp = fingerprint(opts.model, opts.max_length)
     layers = sorted(set(opts.cut_layer)) or [default_cut_layer(fp["num_layers"])]
     for k in layers:
@@ -50,12 +51,32 @@ def build_cache(opts: CacheOptions) -> dict[int, Manifest]:
         return {k: derive_cache(opts, fp, k) for k in layers}
     corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
     file_ids = read_ids(corpus)
+    # One builder per cache at a time: a second waits, then finds the first one's shards committed.
+    with storage.exclusive(opts.output, lambda who: say("cache", f"waiting for {who}, which is building "
+                                                                 f"{opts.output}")):
+        return _build(opts, fp, layers, corpus, file_ids)
+
+
+def _build(opts: CacheOptions, fp: dict[str, Any], layers: list[int], corpus, file_ids) -> dict[int, Manifest]:
+    from .cluster import connect
+
     n_docs = sum(len(ids) for _, ids in file_ids)
     manifests = {k: _open_for_write(opts, fp, k, corpus.token_classification) for k in layers}
+    hashes = doc_hashes(corpus) if any(m.shards for m in manifests.values()) else {}
     # Layers whose caches hold the same documents are encoded together, in one forward pass.
     groups: dict[frozenset, list[int]] = {}
     for k, m in manifests.items():
-        done = frozenset(_done_ids(layer_dir(opts.output, k), m))
+        shards = shard_ids(layer_dir(opts.output, k), m)
+        if stale := stale_shards(m, shards, hashes):  # texts changed since: those shards are encoded again
+            n = sum(len(shards[name]) for name in stale)
+            say("cache", f"layer {k}: texts changed since they were cached in {len(stale)} shard(s) of {n:,} "
+                         f"documents (e.g. {next(iter(stale))}): encoding those documents again")
+            for name in stale:
+                storage.delete(storage.join(layer_dir(opts.output, k), name))
+                del shards[name]
+            m.shards = [s for s in m.shards if s["file"] not in stale]
+            m.save(storage.join(layer_dir(opts.output, k), "manifest.json"))
+        done = frozenset({s["id"] for s in m.skipped}.union(*shards.values()))
         groups.setdefault(done, []).append(k)
     connect()
     for done, ks in groups.items():
@@ -117,11 +138,23 @@ def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classi
                     token_classification=token_classification, versions=versions())
 
 
-def _done_ids(d: str, m: Manifest) -> set[str]:
-    done = {s["id"] for s in m.skipped}
+def shard_ids(d: str, m: Manifest) -> dict[str, list[str]]:
+    """Each committed shard's document ids."""
+    return {s["file"]: storage.read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist()
+            for s in m.shards}
+
+
+def stale_shards(m: Manifest, shards: dict[str, list[str]], hashes: dict[str, str]) -> dict[str, str]:
+    """Shards whose documents' texts differ from the corpus's now (shard -> one of its ids): a shard's
+    `docs_sha256` in the manifest hashes the (id, text) of each of its documents. A shard holding documents the
+    corpus does not (another task's, over the same corpus name) cannot be checked here and is left alone."""
+    stale = {}
     for s in m.shards:
-        done.update(storage.read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist())
-    return done
+        ids = shards[s["file"]]
+        if ids and all(i in hashes for i in ids):
+            if hashlib.sha256("".join(sorted(hashes[i] for i in ids)).encode()).hexdigest() != s["docs_sha256"]:
+                stale[s["file"]] = ids[0]
+    return stale
 
 
 def _run_pipeline(opts: CacheOptions, fp: dict[str, Any], layers: list[int], plans: list[dict[str, Any]],

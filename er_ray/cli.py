@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["cache", "verify"]:  # a verb of two words: `er-ray cache verify DIR`
         argv = ["cache verify", *argv[2:]]
     parser = build_parser()
-    if argv and argv[0] in VERBS and "--config" in " ".join(argv):  # a recipe sets defaults; flags override
+    if argv and argv[0] in VERBS and any(a.split("=")[0] == "--config" for a in argv):  # a recipe: defaults
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config")
         known, _ = pre.parse_known_args(argv[1:])

@@ -159,6 +159,18 @@ def read_ids(corpus: Corpus) -> list[tuple[str, list[str]]]:
     return out
 
 
+def doc_hashes(corpus: Corpus) -> dict[str, str]:
+    """id -> `doc_sha256` of every document of a corpus (to compare with what a cache was built from)."""
+    out = {}
+    for f in corpus.files:
+        cols = [corpus.id_column, corpus.text_column]
+        t = pq.read_table(f, columns=cols) if f.endswith(".parquet") else read_table(f).select(cols)
+        for i, text in zip(t.column(corpus.id_column).to_pylist(), t.column(corpus.text_column).to_pylist()):
+            if bad_text(text, corpus.token_classification) is None:
+                out[str(i)] = doc_sha256(str(i), text)
+    return out
+
+
 def read_rows(file: str, rows: list[int], columns: list[str]) -> pa.Table:
     """Some rows of a corpus file (by position), without reading the rest of a Parquet file."""
     if file.endswith(".parquet"):

@@ -32,8 +32,11 @@ def run(opts: DemoOptions) -> dict[str, Any]:
     from .pretrained import fingerprint
     from .train import run_all
 
+    from . import storage
+
     t_all = time.perf_counter()
     train = opts.train
+    storage.writable_folder(train.output)
     fp = fingerprint(train.model, train.max_length)
     k = default_cut_layer(fp["num_layers"]) if train.cut_layer is None else \
         check_cut_layer(train.cut_layer, fp["num_layers"], fp["model"])

@@ -130,6 +130,7 @@ def predict(opts: PredictOptions) -> Path | str:
     from .corpus import read_ids
     from .pretrained import fingerprint
 
+    storage.writable_folder(opts.output)
     run = storage.absolute(opts.run)  # the predictor actors read the model from it
     if not storage.exists(storage.join(run, "model", "task.json")):
         raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")

@@ -30,18 +30,23 @@ requests), so a reader polling a manifest never sees half of one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from .errors import OptionsError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow `FileSystem.type_name`s without an atomic rename
@@ -102,6 +107,60 @@ def size(location: str | os.PathLike) -> int:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{location}: no such file")
     return info.size
+
+
+def version(location: str | os.PathLike) -> tuple[int, int]:
+    """(size, modification time in ns) of a file; FileNotFoundError if there is none."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such file")
+    return info.size, info.mtime_ns or 0
+
+
+def writable_folder(location: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse, before any work, a local output that is a file or cannot be created (a URI is checked on use)."""
+    if not is_local(location):
+        return
+    target = Path(os.path.abspath(os.fspath(location).removeprefix("file://")))
+    for p in [target, *target.parents]:  # the nearest that exists must be a folder we may write in
+        if p.exists():
+            if not p.is_dir():
+                raise OptionsError(f"{flag} {location}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise OptionsError(f"{flag} {location}: {p} is not writable")
+            return
+
+
+@contextlib.contextmanager
+def exclusive(location: str | os.PathLike, waiting: Callable[[str], None] | None = None):
+    """Hold `location/.lock` while the block runs: a second process on the same location waits for the first,
+    then sees what it committed (a cache build: nobody encodes a document twice). Local folders only: on object
+    stores there is no lock to take, and two builders there each write their shards (correct, but twice)."""
+    if not is_local(location):
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(absolute(location), ".lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            if waiting:
+                waiting(f.read().strip() or "another process")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def listdir(location: str | os.PathLike) -> list[str]:

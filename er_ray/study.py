@@ -42,6 +42,7 @@ def study(opts: StudyOptions) -> dict[str, Any]:
 
     train, grid = opts.train, opts.sweep
     train.require_task()
+    storage.writable_folder(train.output)
     loaded = {t: tasks.load_task(t) for t in train.task}  # read once: names and corpora of built-ins or spec files
     fps = {model: fingerprint(model, train.max_length) for model in opts.model}  # bad names fail before Ray starts
     connect(dashboard=True)  # the sweeps need it (Tune over Ray Train)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -152,6 +153,8 @@ def trial_lines():
     from ray.tune import Callback
 
     class TrialLines(Callback):
+        last, ended = 0.0, 0
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("reused"):
                 say("sweep", f"{_flatten(trial.config)['name']}: finished in an earlier run, dev "
@@ -162,11 +165,26 @@ def trial_lines():
                              f"{fmt_seconds(result['train_seconds'])}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            say("sweep", f"{_flatten(trial.config)['name']}: done ({done}/{len(trials)} trials ended)")
+            self.ended += 1
+            say("sweep", f"{_flatten(trial.config)['name']}: ended ({self.ended}/{len(trials)} trials)")
+            self._release()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say("sweep", f"{_flatten(trial.config)['name']}: failed (its error is in sweep.md and Tune's logs)")
+            self.ended += 1
+            say("sweep", f"{_flatten(trial.config)['name']}: failed ({self.ended}/{len(trials)} trials; its error "
+                         f"is in Tune's logs)")
+            self._release()
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.last > 10:  # a stopped trial's controller may die after its trial ends
+                self._release()
+
+        def _release(self):
+            from .cluster import release_orphaned_placement_groups
+
+            self.last = time.monotonic()
+            if n := release_orphaned_placement_groups():
+                say("sweep", f"released the CPUs of {n} ended trial(s)' worker group(s) that Ray Train had not")
 
     return TrialLines()
 
@@ -199,6 +217,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
     train = opts.train
     train.require_task()
+    storage.writable_folder(train.output)
     fp = fingerprint(train.model, train.max_length)
     points = grid(opts, fp["num_layers"])  # a bad option fails here, before Ray starts
     loaded = {t: tasks.load_task(t) for t in train.task}  # a task given as a spec file is named by its spec
@@ -264,6 +283,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
             run_config=tune.RunConfig(name=tune_name, storage_path=tune_path, storage_filesystem=tune_fs,
                                       verbose=1 if verbose() else 0, callbacks=[trial_lines()],
                                       failure_config=tune.FailureConfig(max_failures=1)))
+    # Ctrl-C: Tune would catch it, stop, and return as if done (a study then went on and failed on a sweep that
+    # "finished no trial"); let it reach the caller instead, as in every verb. Tune's state is saved as it goes.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid_result = tuner.fit()
     sweep_seconds = time.perf_counter() - t0
     rows = collect(grid_result, out, fp["model"])

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import assets
-from .corpus import Corpus, DataError, read_table
+from .corpus import CORPUS_SUFFIXES, Corpus, DataError, read_table
 
 SPLITS = ("train", "dev", "test")
 TaskType = Literal["classification", "token_classification"]
@@ -208,10 +208,12 @@ def load_spec(spec: TaskSpec) -> Task:
             raise TaskError(f"{spec.files}, row {row}, field {spec.split_column!r}: unknown split {bad[0]!r} "
                             f"(use {', '.join(SPLITS)})")
         arr = np.array(split_col, dtype=object)
+        rows = {}  # per split, the file's row number of each of its rows
         for s in SPLITS:
             idx = np.flatnonzero(arr == s)
             if len(idx):
                 splits[s] = _validate(spec, table.take(idx), spec.files, s)
+                rows[s] = (idx + 1).tolist()
         if "train" not in splits:
             raise TaskError(f"{spec.files}, field {spec.split_column!r}: no 'train' rows")
         paths = dict.fromkeys(splits, spec.files)
@@ -219,10 +221,14 @@ def load_spec(spec: TaskSpec) -> Task:
         paths = spec.files
         for s, p in spec.files.items():
             splits[s] = _validate(spec, read_table(p), p, s)
+        rows = {s: list(range(1, t.num_rows + 1)) for s, t in splits.items()}
     target = "label" if spec.type == "classification" else "tags"
     flat = (lambda t: t.column(target).to_pylist() if target == "label"
             else [x for row in t.column(target).to_pylist() for x in row])
     labels = sorted(set(flat(splits["train"])))
+    if spec.type == "classification" and len(labels) < 2:
+        raise TaskError(f"{paths['train']}, field {spec.label_column!r}: every train row has the label {labels[0]!r}; "
+                        f"a classifier needs at least two classes to learn from")
     for s, t in splits.items():
         if s == "train":
             continue
@@ -232,10 +238,13 @@ def load_spec(spec: TaskSpec) -> Task:
                     fld = spec.label_column if target == "label" else spec.tags_column
                     raise TaskError(f"{paths[s]}, row {i + 1}, field {fld!r}: {s} label {y!r} never appears in "
                                     f"train (train labels: {labels[:20]})")
-    ids = pa.concat_arrays([t.column("id").combine_chunks() for t in splits.values()]).to_pylist()
-    if len(set(ids)) != len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise TaskError(f"task {spec.name!r}: id {dup!r} appears more than once across splits")
+    seen: dict[str, tuple[str, int]] = {}
+    for s, t in splits.items():
+        for i, x in zip(rows[s], t.column("id").to_pylist()):
+            if x in seen:
+                raise TaskError(f"{paths[s]}, row {i}, field {spec.id_column!r}: duplicate id {x!r} (first at "
+                                f"{seen[x][0]}, row {seen[x][1]})")
+            seen[x] = (paths[s], i)
     return Task(spec, splits, labels)
 
 
@@ -403,9 +412,26 @@ def load_task(name_or_spec: str | Path | TaskSpec) -> Task:
         task = load_spec(builtin_spec(key))
         task.source = json.loads((builtin_folder(key) / "source.json").read_text())
         return task
-    if Path(key).exists():
+    path = Path(key)
+    if path.exists() and path.suffix in (".yaml", ".yml", ".json"):
         return load_spec(TaskSpec.from_file(key))
-    raise TaskError(f"unknown task {key!r}: not a built-in task ({', '.join(BUILTINS)}) and no such spec file")
+    if path.is_file() and path.suffix in CORPUS_SUFFIXES:
+        return _data_file_task(path)
+    if path.exists():
+        raise TaskError(f"--task {key}: not a task spec (.yaml, .json) nor a data file (.parquet, .csv, .jsonl)")
+    raise TaskError(f"unknown task {key!r}: not a built-in task ({', '.join(BUILTINS)}) and no such spec or data file")
+
+
+def _data_file_task(path: Path) -> Task:
+    """A data file given as a task: a task by itself when it has a split column (train, dev, test rows)."""
+    table = read_table(path)
+    if "split" not in table.column_names:
+        raise TaskError(f"{path}: a data file is a task by itself only with a 'split' column (train/dev/test); "
+                        f"otherwise write a spec, e.g. {path.stem}.yaml: "
+                        f"{{name: {path.stem}, files: {{train: {path.name}, dev: dev.csv}}}}")
+    token = "tokens" in table.column_names and "tags" in table.column_names
+    return load_spec(TaskSpec(name=path.stem, type="token_classification" if token else "classification",
+                              files=str(path)))
 
 
 def describe_task(task: Task) -> dict[str, Any]:

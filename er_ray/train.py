@@ -34,6 +34,7 @@ class TrainError(ErRayError):
 def train(opts: TrainOptions) -> list[dict[str, Any]]:
     """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table."""
     opts.require_task()
+    storage.writable_folder(opts.output)
     return run_all([(dataclasses.replace(opts, task=[t]), t) for t in opts.task], opts.output)
 
 
@@ -70,12 +71,20 @@ def layout(opts: TrainOptions, task_name: str):
 def open_run_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
     """The cache a recycled run reads: --cache as given (a task whose documents are missing from it is an
     error), else the default cache under OUTPUT, built or extended first."""
-    from .cache import KEY_FIELDS, open_cache
-    from .cache_build import cache_root, ensure_cache
+    from .cache import KEY_FIELDS, CacheMismatch, open_cache
+    from .cache_build import cache_root, ensure_cache, shard_ids, stale_shards
+    from .corpus import doc_hashes
 
     root = opts.cache or ensure_cache(task, cache_root(opts.output, task.spec.corpus, fp["model"], opts.max_length),
                                       opts.model, opts.max_length, opts.dtype, [k])
-    return open_cache(root, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
+    cache = open_cache(root, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
+    if opts.cache:  # a cache given as is, not built here: its texts must be this task's (ensure_cache re-encodes)
+        if stale := stale_shards(cache.manifest, shard_ids(cache.path, cache.manifest), doc_hashes(task.corpus())):
+            raise CacheMismatch(f"--cache {opts.cache}: {len(stale)} of its shards were built from other texts of "
+                                f"task {task.name}'s documents (e.g. {next(iter(stale))}, holding "
+                                f"{next(iter(stale.values()))!r}); rebuild it over the task's corpus, or leave out "
+                                f"--cache to let er_ray build and extend its own")
+    return cache
 
 
 def run_data(opts: TrainOptions, task_name: str) -> dict[str, Any]:
@@ -92,14 +101,15 @@ def _run_data(opts: TrainOptions, task, fp: dict[str, Any], k: int, source: str)
     return dict(data, cache_dtype=cache_obj.manifest.dtype if cache_obj else None)
 
 
-def plan_run(opts: TrainOptions, task_name: str, name: str | None = None,
-             data: dict[str, Any] | None = None) -> dict[str, Any]:
+def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: dict[str, Any] | None = None,
+             checked: tuple | None = None) -> dict[str, Any]:
     """Everything a run needs, resolved on the driver: task, cache, datasets, the worker config. `name` (default:
     task, cut layer, adapter and seed) names the run's folder and its Ray Train run: deterministic, so a re-run
-    resumes it. `data`: `run_data`'s result for these options, if the caller already has it."""
+    resumes it. `data`: `run_data`'s result for these options, `checked`: `layout`'s, if the caller already has
+    them."""
     from .pretrained import pooling_of
 
-    task, fp, k, source = layout(opts, task_name)
+    task, fp, k, source = checked or layout(opts, task_name)
     data = data or _run_data(opts, task, fp, k, source)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
@@ -210,20 +220,19 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
     cluster; one failed run does not lose the others. With `skip_done`, a run whose metrics.json exists is read,
     not trained again (how a study resumes). Returns metrics in the order given; writes the results table."""
     from .cluster import connect
-    from .pretrained import fingerprint
-    from .tasks import load_task
 
-    connect()
     results: dict[int, Any] = {}
-    todo = []
-    for i, (opts, task) in enumerate(runs):
-        name = run_name(opts, load_task(task).name, fingerprint(opts.model, opts.max_length)["num_layers"])
+    todo, layouts = [], {}
+    for i, (opts, task) in enumerate(runs):  # tasks, models and cut layers checked before Ray starts
+        layouts[i] = layout(opts, task)
+        name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"])
         done = storage.join(opts.output, "runs", name, "metrics.json")
         if skip_done and storage.exists(done):
             results[i] = storage.read_json(done)
         else:
             todo.append(i)
-    plans = {i: plan_run(runs[i][0], runs[i][1]) for i in todo}
+    connect()
+    plans = {i: plan_run(runs[i][0], runs[i][1], checked=layouts[i]) for i in todo}
     width = min(len(todo), max_concurrent or len(todo)) or 1
     gate = threading.Semaphore(width)
     errors: dict[str, BaseException] = {}
@@ -236,7 +245,8 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
             except BaseException as e:  # reported after the others finish: one failed task does not lose the rest
                 errors[plans[i]["name"]] = e
 
-    threads = [threading.Thread(target=run, args=(i,), name=plans[i]["name"]) for i in todo]
+    # daemon: on Ctrl-C the command ends (its runs' checkpoints are kept) instead of waiting for them
+    threads = [threading.Thread(target=run, args=(i,), name=plans[i]["name"], daemon=True) for i in todo]
     for t in threads:
         t.start()
     for t in threads:

@@ -233,6 +233,66 @@ def test_verify_catches_a_flipped_byte_and_a_deleted_shard(fp32_cache, tmp_path)
     assert subprocess.run([ER_RAY, "cache", "verify", str(src)], capture_output=True).returncode == 0
 
 
+def test_a_damaged_or_missing_shard_is_refused_before_anything_is_read(fp32_cache, tmp_path):
+    """`er-ray train` used to read a shard that `er-ray cache verify` rejected (one flipped byte) and train on it."""
+    src, manifests = fp32_cache
+    out = tmp_path / "c"
+    shutil.copytree(src, out)
+    assert open_cache(out, 3).read(["id"]).num_rows == N_DOCS  # whole: read, and remembered as checked
+    name = manifests[3].shards[0]["file"]
+    f = out / "layer=3" / name
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))  # a new file version: checked again
+    with pytest.raises(CacheError, match=rf"{name}: a damaged shard \(its sha256 differs from the manifest's\); "
+                                         rf"nothing was read from this cache \(run `er-ray cache verify {out}`"):
+        open_cache(out, 3).dataset(columns=["id"])
+    f.unlink()
+    with pytest.raises(CacheError, match=rf"{name}: this shard of the cache is missing \(run `er-ray cache verify"):
+        open_cache(out, 3).read(["id"])
+
+
+def test_a_changed_text_is_encoded_again_and_a_given_cache_of_old_texts_is_refused(ray_local, corpus, tmp_path,
+                                                                                    capfd, minilm):
+    """Same ids, different texts: a run used to train on the old texts' activations ("120 cached, 0 to encode")."""
+    from er_ray.options import TrainOptions
+    from er_ray.train import train
+
+    path, table = corpus
+    rows = table.slice(0, 64).to_pylist()
+    for i, r in enumerate(rows):
+        r.update(label="ab"[i % 2], split="dev" if i % 4 == 0 else "train")
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), old)
+    build(old, tmp_path / "c", cut_layer=[3])
+    rows[5]["text"] = "an entirely different question about something else?"
+    new = tmp_path / "new.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), new)
+    given = tmp_path / "given"
+    shutil.copytree(tmp_path / "c", given)
+    (tmp_path / "task.yaml").write_text(f"name: changed\nfiles: {new}\n")
+    with pytest.raises(CacheMismatch, match=r"--cache .*given: 1 of its shards were built from other texts of "
+                                            r"task changed's documents"):
+        train(TrainOptions(task=[str(tmp_path / "task.yaml")], cache=str(given), cut_layer=3, max_length=64,
+                           output=str(tmp_path / "runs")))
+    capfd.readouterr()
+    build(new, tmp_path / "c", cut_layer=[3])  # er_ray's own cache: the changed shard is encoded again
+    err = capfd.readouterr().err
+    assert "texts changed since they were cached in 1 shard(s) of 48 documents" in err  # shards of 48
+    assert "16 cached, 48 to encode" in err
+    assert cache.verify(tmp_path / "c") == []
+    got = open_cache(tmp_path / "c", 3).activations()[rows[5]["id"]]
+    want = full_hidden_at(minilm, rows[5]["text"], 3)
+    assert got.shape == tuple(want.shape)  # the new text's states (an fp16 cache of them)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(got), want, dim=-1).min() > 0.999
+
+
+def full_hidden_at(enc, text, k, max_length=64):
+    b = enc.tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return enc.model(**b, output_hidden_states=True).hidden_states[k][0]
+
+
 def test_a_cache_of_another_model_layer_or_tokenizer_is_refused(fp32_cache, corpus, minilm):
     out, _ = fp32_cache
     with pytest.raises(CacheMismatch, match="weights_sha256="):
@@ -335,3 +395,19 @@ def test_decoding_survives_a_row_wise_round_trip(fp32_cache):
     a, oa = codec.decode_hidden(t, "fp32", 384)
     b, ob = codec.decode_hidden(again, "fp32", 384)
     assert np.array_equal(a, b) and np.array_equal(oa, ob)
+
+
+def test_two_builders_of_one_cache_encode_each_document_once(ray_local, corpus, tmp_path):
+    """Two `er-ray cache` runs on the same --output at once used to both encode everything."""
+    out = tmp_path / "c"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    cmd = [ER_RAY, "cache", "--corpus", str(corpus[0]), "--output", str(out), "--cut-layer", "3", "--max-length",
+           "64", "--shard-rows", "48"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    encoded = [re.findall(r"(\d+) cached, ([\d,]+) to encode", log) for log in logs]
+    assert sorted(e[0][1] for e in encoded) == ["0", f"{N_DOCS}"], encoded  # one encodes all, the other nothing
+    assert sum("waiting for pid" in log for log in logs) == 1, logs
+    assert cache.verify(out) == [] and open_cache(out, 3).manifest.rows == N_DOCS

@@ -201,3 +201,36 @@ def test_the_readme_cheap_commands_run(argv):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_bad_inputs_are_one_line_in_seconds_before_ray_starts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def task_file(name, rows):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        return str(tmp_path / f"{name}.parquet")
+
+    good = [{"id": f"d{i}", "text": f"text {i}", "label": "ab"[i % 2], "split": ("train", "dev")[i % 3 == 0]}
+            for i in range(12)]
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    cases = [
+        (["train", "--task", task_file("good", good), "--output", str(a_file)],
+         f"--output {a_file}: {a_file} is a file, not a folder"),
+        (["train", "--task", task_file("plain", [{k: v for k, v in r.items() if k != "split"} for r in good])],
+         "plain.parquet: a data file is a task by itself only with a 'split' column"),
+        (["train", "--task", task_file("one", [dict(r, label="a") for r in good])],
+         "one.parquet, field 'label': every train row has the label 'a'"),
+        (["train", "--task", task_file("dup", good + [dict(good[1], split="dev")])],
+         "dup.parquet, row 13, field 'id': duplicate id 'd1' (first at"),
+        (["sweep", "--task", "nonesuch"], "unknown task 'nonesuch'"),
+        (["cache", "--corpus", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "c")],
+         "no such file, directory or built-in task"),
+    ]
+    for argv, message in cases:
+        t0 = time.perf_counter()
+        out = subprocess.run([ER_RAY, *argv], capture_output=True, text=True, timeout=60)
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 1 and len(lines) == 1 and message in lines[0], (argv, out.stderr)
+        assert time.perf_counter() - t0 < 10, argv

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import all_cpus_free
 
 from er_ray.study import _fmt, choose, summarise
 from er_ray.options import SweepOptions, build
@@ -182,3 +183,39 @@ def test_the_default_asha_scheduler_stops_trials_and_the_sweep_still_finishes(ra
     for t in done:
         assert rows[t]["epochs_run"] == 2 and rows[t]["test"] is not None
     assert result["best"][0]["trial"] in done
+    # nothing is left holding CPUs: every stopped trial's worker group was released
+    from er_ray.cluster import release_orphaned_placement_groups
+
+    assert release_orphaned_placement_groups() == 0 and all_cpus_free(60)
+
+
+def test_a_placement_group_whose_creator_died_is_released_and_no_other(ray_local):
+    """The mechanism of the sweep hang, in small: a placement group made by an actor (as Ray Train's controller
+    makes its worker group's) outlives the actor and keeps its CPUs until the driver releases it."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from er_ray.cluster import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self):
+            pg = placement_group([{"CPU": 0.5}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    mine = placement_group([{"CPU": 0.25}])  # the driver's own (as Tune's trial groups): never touched
+    ray.get(mine.ready())
+    controller = Controller.remote()
+    theirs = ray.get(controller.reserve.remote())
+    assert release_orphaned_placement_groups() == 0  # its creator lives
+    ray.kill(controller)
+    deadline = time.monotonic() + 30
+    while placement_group_table()[theirs]["state"] == "CREATED" and time.monotonic() < deadline:
+        if release_orphaned_placement_groups():
+            break
+        time.sleep(0.5)
+    assert placement_group_table()[theirs]["state"] == "REMOVED"
+    assert placement_group_table()[mine.id.hex()]["state"] == "CREATED"
+    ray.util.remove_placement_group(mine)
+    assert all_cpus_free(30)

@@ -128,8 +128,14 @@ BAD = [  # (case, rows for train, rows for dev or None, type, expected message)
     ("unequal tags", [{"id": "a", "tokens": ["a", "b"], "tags": ["O", "O"]},
                       {"id": "b", "tokens": ["a", "b", "c"], "tags": ["O", "O"]}], None, "token_classification",
      r"train\.jsonl, row 2, field 'tags': 3 tokens but 2 tags"),
-    ("duplicate ids", [{"id": "a", "text": "t", "label": "y"}, {"id": "a", "text": "u", "label": "y"}], None,
-     "classification", r"id 'a' appears more than once"),
+    ("duplicate ids", [{"id": "a", "text": "t", "label": "y"}, {"id": "a", "text": "u", "label": "n"}], None,
+     "classification", r"train\.jsonl, row 2, field 'id': duplicate id 'a' \(first at .*train\.jsonl, row 1\)"),
+    ("duplicate ids across files", GOOD, [{"id": "x", "text": "t", "label": "pos"}, {"id": "d0", "text": "u",
+                                                                                     "label": "neg"}],
+     "classification", r"dev\.jsonl, row 2, field 'id': duplicate id 'd0' \(first at .*train\.jsonl, row 1\)"),
+    ("one class", [{"id": "a", "text": "t", "label": "y"}, {"id": "b", "text": "u", "label": "y"}], None,
+     "classification", r"train\.jsonl, field 'label': every train row has the label 'y'; a classifier needs at "
+                       r"least two classes"),
 ]
 
 
@@ -155,6 +161,22 @@ def test_unreadable_files(tmp_path):
         load_spec(TaskSpec(name="bad", files={"train": str(bad_json)}))
     with pytest.raises(DataError, match=r"unknown file type '\.xlsx'"):
         load_spec(TaskSpec(name="bad", files={"train": str(tmp_path / "x.xlsx")}))
+
+
+def test_a_data_file_with_a_split_column_is_a_task_by_itself(tmp_path):
+    rows = [{"id": "a", "text": "good", "label": "pos", "split": "train"},
+            {"id": "b", "text": "bad", "label": "neg", "split": "train"},
+            {"id": "c", "text": "fine", "label": "pos", "split": "dev"}]
+    task = load_task(write(tmp_path, "reviews", rows, "parquet"))
+    assert task.name == "reviews" and task.sizes() == {"train": 2, "dev": 1} and task.labels == ["neg", "pos"]
+    plain = write(tmp_path, "plain", [{k: v for k, v in r.items() if k != "split"} for r in rows], "csv")
+    with pytest.raises(TaskError, match=r"plain\.csv: a data file is a task by itself only with a 'split' column"
+                                        r".*e\.g\. plain\.yaml: \{name: plain, files: \{train: plain\.csv"):
+        load_task(plain)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\xff")
+    with pytest.raises(TaskError, match=r"not a task spec \(\.yaml, \.json\) nor a data file"):
+        load_task(binary)
 
 
 def test_bad_specs():

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -263,3 +264,23 @@ def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec
                                                cache=str(next((out / "caches").iterdir())),
                                                output=str(tmp_path / "preds2")))
     assert not list((tmp_path / "preds2").glob("*"))  # no file, no temporary left behind
+
+
+def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, tmp_path):
+    """Ctrl-C used to end in a traceback (or, in a study, in a sweep that 'finished no trial')."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([ER_RAY, "train", "--task", "trec", "--output", str(tmp_path), "--epochs", "3",
+                             "--max-train-examples", "400", "--max-length", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # interrupt once training has started
+        lines.append(line)
+        if "[er_ray train] trec-k3-lora16-s0: train 400" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 60, "".join(lines) + rest
+    assert ("[er_ray train] interrupted: finished epochs are kept in checkpoints; the same command resumes them"
+            in rest.splitlines())
+    assert "Traceback" not in rest, rest
