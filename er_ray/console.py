@@ -125,8 +125,12 @@ def epoch_relay():
     from ray.util.queue import Queue
 
     if "queue" not in _relay:
-        # num_cpus=0: an actor otherwise needs a free CPU to be placed, and training holds them.
-        _relay["queue"] = Queue(actor_options={"num_cpus": 0, "max_restarts": 0})
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # num_cpus=0: an actor otherwise needs a free CPU to be placed, and training holds them. On this
+        # process's node: it lives and dies with the driver, not with a worker node a run may lose.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        _relay["queue"] = Queue(actor_options={"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": here})
         threading.Thread(target=_drain, args=(_relay["queue"],), daemon=True, name="er_ray-epochs").start()
 
     class EpochLines(UserCallback):
@@ -136,9 +140,11 @@ def epoch_relay():
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
             if "epoch" in m:
-                self.queue.put_nowait(m)
+                try:  # telling is best effort: it must never fail a run
+                    self.queue.put_nowait(m)
+                except Exception:
+                    pass
 
-    del ray
     return EpochLines(_relay["queue"])
 
 

@@ -308,12 +308,13 @@ def train_loop(config: dict) -> None:
     state, resumed = worker.resume()
     live = LiveMetrics(cfg) if worker.rank == 0 else None
     worker.engine.train()
-    for epoch in range(state.epochs_done, cfg.epochs if not state.stopped else 0):
+    first = state.epochs_done
+    for epoch in range(first, cfg.epochs if not state.stopped else 0):
         row = worker.train_epoch(epoch)
         dev = worker.evaluate("dev")
         state.record(dev, cfg.metric, worker.trainable_weights)
         row = {"run": cfg.run, "epoch": epoch + 1, "epochs": cfg.epochs, "metric": cfg.metric,
-               "resumed": resumed and epoch == state.epochs_done, f"dev_{cfg.metric}": dev[cfg.metric],
+               "resumed": resumed and epoch == first, f"dev_{cfg.metric}": dev[cfg.metric],
                "dev_score": dev[cfg.metric],  # one name for every task's metric: what a sweep's scheduler compares
                "trainable_parameters": worker.model.num_trainable(), **row}
         state.history.append(row)
