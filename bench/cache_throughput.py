@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from er_ray import cache, encoders, pretrained, tasks  # noqa: E402
+from er_ray import console, encoders, pretrained, tasks  # noqa: E402
 from er_ray.cache_build import build_cache  # noqa: E402
 from er_ray.options import CacheOptions  # noqa: E402
 from er_ray.cluster import connect  # noqa: E402
@@ -113,15 +113,15 @@ def bare_forward(enc, texts, k, batch_size, max_length) -> dict:
 def ray_build(corpus, out, model, layers, dtype, batch_size, max_length) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     progress = []  # build_cache's progress lines, timed: when shards were committed, the encoder's own rate
-    log = cache._log
-    cache._log = lambda msg: (progress.append((round(time.perf_counter() - t0, 1), msg)), log(msg))
+    say = console.say  # the build's progress lines all go through er_ray.console.say
+    console.say = lambda stage, msg: (progress.append((round(time.perf_counter() - t0, 1), msg)), say(stage, msg))
     with PeakPSS() as mem, ProcessCpu() as cpu:
         t0, ticks = time.perf_counter(), cpu_ticks()
         try:
             ms = build_cache(CacheOptions(corpus=[str(corpus)], output=str(out), model=model, cut_layer=layers,
                                           dtype=dtype, batch_size=batch_size, max_length=max_length))
         finally:
-            cache._log = log
+            console.say = say
         seconds = time.perf_counter() - t0
     m = ms[max(layers)]
     return {"seconds": seconds, "steal": steal_fraction(ticks, cpu_ticks()), "tokens": m.real_tokens, "rows": m.rows,
