@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,9 @@ def main():
                                     epochs=a.epochs, patience=a.epochs, batch_size=a.batch_size, seed=seed,
                                     max_length=a.max_length, max_train_examples=a.max_train_examples,
                                     **arm_options[arm])
+                # Every run from scratch: Ray Train resumes a run whose checkpoints (from an earlier invocation
+                # with the same settings) are in the work folder, and its epochs would not be this run's.
+                shutil.rmtree(out / "ray", ignore_errors=True)
                 ticks = cpu_ticks()
                 m = train(opts)[0]
                 runs.append({k2: m[k2] for k2 in ("dev", "test", "seconds_per_epoch", "examples_per_second",

@@ -67,14 +67,12 @@ def release_orphaned_placement_groups() -> int:
     (the dashboard), and when that is slow or down the group stays reserved with no worker in it while every later
     trial waits for its CPUs (seen: a study hung 20 minutes on 2 CPUs). The GCS itself records whether a group's
     creator actor is dead: the sweep's driver asks it after every trial and removes what nobody can use."""
-    from ray._private.state import state  # the GCS's placement group table, creators included (no dashboard)
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for pg in _placement_groups():
         creator = ray.ActorID(pg.creator_actor_id)
         # A group the driver made (Tune's trial groups) has no creator actor: the GCS marks it dead too.
         if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or creator.is_nil()
@@ -86,3 +84,48 @@ def release_orphaned_placement_groups() -> int:
         except Exception:  # removed meanwhile (by Train's own cleaner)
             pass
     return removed
+
+
+def _placement_groups():
+    """The GCS's placement group table (creators included; needs no dashboard)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    return [gcs_pb2.PlacementGroupTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_placement_group_table()]
+
+
+def _actor_classes() -> dict[str, str]:
+    """Live actors' class names by id, from the State API (the dashboard); {} when it does not answer."""
+    try:
+        from ray.util.state import list_actors
+
+        return {a.actor_id: a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                              timeout=5, raise_on_missing_output=False)}
+    except Exception:
+        return {}
+
+
+def who_holds(resource: str = "CPU") -> str:
+    """What holds the cluster's CPUs (or GPUs) now, in one line: each placement group's share with its name, job
+    and creator, and what tasks and actors outside any group hold. For a run that waited too long for its workers."""
+    from ray.core.generated import gcs_pb2
+
+    total, free = ray.cluster_resources().get(resource, 0), ray.available_resources().get(resource, 0)
+    job, classes = ray.get_runtime_context().get_job_id(), _actor_classes()
+    held, in_groups = [], 0.0
+    for pg in _placement_groups():
+        amount = sum(b.unit_resources.get(resource, 0) for b in pg.bundles)
+        if pg.state != gcs_pb2.PlacementGroupTableData.CREATED or not amount:
+            continue
+        in_groups += amount
+        owner = "this job" if pg.creator_job_id.hex() == job else f"job {pg.creator_job_id.hex()}"
+        creator = ray.ActorID(pg.creator_actor_id)
+        if not creator.is_nil():
+            owner += f", made by {classes.get(creator.hex(), 'actor ' + creator.hex()[:8])}" + \
+                (" (dead)" if pg.creator_actor_dead else "")
+        name = pg.name or ray.PlacementGroupID(pg.placement_group_id).hex()[:8]
+        held.append(f"placement group {name!r}: {amount:g} {resource} ({owner})")
+    if (outside := total - free - in_groups) > 0.01:
+        held.append(f"tasks and actors outside placement groups: {outside:g} {resource}")
+    return f"{total:g} {resource} in the cluster, {free:g} free; " + ("; ".join(held) or "nothing holds them now")

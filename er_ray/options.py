@@ -156,10 +156,13 @@ class ScaleOptions:
     """CPUs Ray reserves per worker (default: a share that leaves room for Ray Data and concurrent runs)"""
     max_failures: int = 2
     """times a run restarts from its last checkpoint after a worker dies"""
+    resource_wait: float = 600.0
+    """seconds a run waits for its workers' CPUs (GPUs) before it fails, naming what holds them; 0 waits forever
+    (an autoscaling cluster that takes longer to add nodes)"""
 
     def __post_init__(self):
         _at_least(self, 1, "workers")
-        _at_least(self, 0, "max_failures")
+        _at_least(self, 0, "max_failures", "resource_wait")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise OptionsError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
 

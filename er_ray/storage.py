@@ -134,11 +134,14 @@ def writable_folder(location: str | os.PathLike, flag: str = "--output") -> None
 
 @contextlib.contextmanager
 def exclusive(location: str | os.PathLike, waiting: Callable[[str], None] | None = None):
-    """Hold `location/.lock` while the block runs: a second process on the same location waits for the first,
-    then sees what it committed (a cache build: nobody encodes a document twice). Local folders only: on object
-    stores there is no lock to take, and two builders there each write their shards (correct, but twice)."""
+    """Hold `location` for the block: a second process on the same location waits for the first, then sees what
+    it committed (a cache build: nobody encodes a document twice). `waiting(holder)` is called once if it waits.
+
+    On a local disk: an flock on `location/.lock` (released by the kernel if the holder dies). On object stores,
+    where there is no lock: a lease, `location/.lease` (see `_lease`)."""
     if not is_local(location):
-        yield
+        with _lease(location, waiting):
+            yield
         return
     import fcntl
 
@@ -154,13 +157,75 @@ def exclusive(location: str | os.PathLike, waiting: Callable[[str], None] | None
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.write(_holder())
         f.flush()
         try:
             yield
         finally:
             f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+LEASE_SECONDS = 120.0  # a lease not renewed for this long is a dead holder's: the next builder takes it over
+_LEASE_SETTLE = 2.0  # seconds between writing a lease and reading it back (two writers: the last one wins)
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {os.uname().nodename}"
+
+
+@contextlib.contextmanager
+def _lease(location: str | os.PathLike, waiting: Callable[[str], None] | None, seconds: float = LEASE_SECONDS):
+    """A lease on an object store: `location/.lease` names its holder and an expiry, renewed every third of its
+    term by a thread while the block runs, deleted at the end. To take it, a process waits while a live lease of
+    someone else's is there, writes its own, waits `_LEASE_SETTLE` and reads it back: of two that wrote at once,
+    the one whose lease it reads goes on, the other waits. Trap: S3-like stores have no create-if-absent that
+    pyarrow can use, so this is not airtight (a writer stalled for longer than the settle time between its check
+    and its write can still overlap); the cost of an overlap is work done twice, never a wrong cache (shards
+    are committed through the manifest). Expiry is judged by wall clocks, so hosts need synchronised clocks
+    (seconds of skew are fine against a two-minute term)."""
+    import threading
+    import time
+
+    path, me, told = join(location, ".lease"), uuid.uuid4().hex, False
+
+    def current() -> dict[str, Any] | None:
+        try:
+            return json.loads(read_bytes(path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write() -> None:
+        write_json(path, {"owner": me, "holder": _holder(), "expires": time.time() + seconds})
+
+    while True:
+        lease = current()
+        if lease and lease["owner"] != me and lease["expires"] > time.time():
+            if waiting and not told:
+                waiting(lease["holder"])
+                told = True
+            time.sleep(min(5.0, seconds / 6))
+            continue
+        write()
+        time.sleep(_LEASE_SETTLE)
+        if (lease := current()) and lease["owner"] == me:
+            break
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(seconds / 3):
+            if (lease := current()) is None or lease["owner"] == me:  # never over another's (ours had expired)
+                write()
+
+    renewer = threading.Thread(target=renew, name="er_ray lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        if (lease := current()) and lease["owner"] == me:
+            delete(path)
 
 
 def listdir(location: str | os.PathLike) -> list[str]:

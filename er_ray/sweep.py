@@ -171,8 +171,8 @@ def trial_lines():
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.ended += 1
-            say("sweep", f"{_flatten(trial.config)['name']}: failed ({self.ended}/{len(trials)} trials; its error "
-                         f"is in Tune's logs)")
+            say("sweep", f"{_flatten(trial.config)['name']}: failed ({self.ended}/{len(trials)} trials): "
+                         f"{_trial_error(trial)}")
             self._release()
 
         def on_step_end(self, iteration, trials, **info):
@@ -187,6 +187,21 @@ def trial_lines():
                 say("sweep", f"released the CPUs of {n} ended trial(s)' worker group(s) that Ray Train had not")
 
     return TrialLines()
+
+
+def _trial_error(trial) -> str:
+    """An er_ray error of a failed trial in its own words (one waiting for CPUs names what holds them); anything
+    else is pointed at."""
+    from .errors import ErRayError
+
+    try:
+        err = trial.get_pickled_error()
+        cause = getattr(err, "cause", err)  # a RayTaskError wraps the trial's own exception
+        if isinstance(cause, ErRayError):
+            return str(cause)
+    except Exception:
+        pass
+    return "its error is in " + (trial.error_file or "Tune's logs")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -158,19 +159,31 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     config = dataclasses.replace(plan["config"], threads=threads, precision=precision)
     _start_afresh_if_changed(storage.join(opts.output, "ray", plan["name"]), config)
     storage_path, storage_fs = storage.ray_storage(storage.join(opts.output, "ray"))
+    retries = _bounded_resource_wait(opts.resource_wait)
     trainer = TorchTrainer(
         train_loop, train_loop_config=dataclasses.asdict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": per, **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name=plan["name"], storage_path=storage_path, storage_filesystem=storage_fs,
-                                       failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+                                       failure_config=ray.train.FailureConfig(max_failures=opts.max_failures,
+                                                                                      controller_failure_limit=retries),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                                        callbacks=list(callbacks if callbacks is not None else [epoch_relay()])),
         datasets=plan["datasets"])
     rows = ", ".join(f"{s} {fmt_count(n)}" for s, n in plan["rows"].items())
     say("train", f"{plan['name']}: {rows} examples; {opts.workers} worker(s) x {per:.2f} CPU, {precision}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        if _waited_for_workers(e):
+            from .cluster import who_holds
+
+            raise TrainError(
+                f"{plan['name']}: its {opts.workers} worker(s) ({per:.2f} CPU{' + 1 GPU' if use_gpu else ''} each) "
+                f"found no room in {opts.resource_wait:g} s. {who_holds('GPU' if use_gpu else 'CPU')}. Free them, "
+                f"add nodes, or wait longer (--resource-wait SECONDS, 0 for ever)") from None
+        raise
     if result.error:
         raise TrainError(f"{plan['name']} failed: {result.error}")
     out = storage.join(opts.output, "runs", plan["name"])
@@ -181,6 +194,29 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     say("train", f"{plan['name']}: dev {metrics['metric']} {fmt_score(metrics['dev'])}, test "
                  f"{fmt_score(metrics['test'])}, {fmt_seconds(metrics['seconds_per_epoch'])} per epoch -> {out}")
     return metrics
+
+
+# Ray Train waits for a worker group 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S), then its controller retries,
+# by default for ever: a sweep whose CPUs were held by a stopped trial's worker group waited 20 minutes, silently.
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+_START_TIMEOUT = float(os.environ.get(WORKER_GROUP_START_TIMEOUT) or 60.0)  # the user's, or Ray's default
+
+
+def _bounded_resource_wait(seconds: float) -> int:
+    """Ray Train's start timeout and controller retries that wait `seconds` in all (0: for ever); returns the
+    retries. The timeout is set in this process's environment, which Ray Train hands to its controller."""
+    if not seconds:
+        return -1
+    attempt = min(seconds, _START_TIMEOUT)
+    os.environ[WORKER_GROUP_START_TIMEOUT] = f"{attempt:g}"
+    return max(0, math.ceil(seconds / attempt) - 1)
+
+
+def _waited_for_workers(e: BaseException) -> bool:
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(e, WorkerGroupStartupTimeoutError) or \
+        isinstance(getattr(e, "controller_failure", None), WorkerGroupStartupTimeoutError)
 
 
 def _start_afresh_if_changed(ray_dir: str, config: LoopConfig) -> None:

@@ -134,6 +134,44 @@ def test_a_file_read_while_it_is_replaced_comes_back_whole(s3, tmp_path, where):
     assert len(seen) >= 100 and len({len(v["shards"]) for v in seen}) >= 4  # the reads did meet the rewrites
 
 
+_HOLD = """
+import sys, time
+from er_ray import storage
+with storage.exclusive(sys.argv[1], lambda who: print("waiting for", who, flush=True)):
+    print("start", time.time(), flush=True)
+    time.sleep(float(sys.argv[2]))
+    print("end", time.time(), flush=True)
+"""
+
+
+def _holders(where: str, hold: float, n: int = 2, env=None):
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLD, where, str(hold)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})}) for _ in range(n)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, logs
+    spans = sorted(tuple(float(line.split()[1]) for line in log.splitlines() if line.split()[0] in ("start", "end"))
+                   for log in logs)
+    return logs, spans
+
+
+def test_object_store_lease_lets_one_builder_in_at_a_time(s3):
+    """On S3 there is no lock file: two builders on one cache both encoded everything. Two processes on a lease."""
+    where = storage.join(s3, "leased")
+    logs, spans = _holders(where, hold=4)
+    assert spans[0][1] <= spans[1][0], spans  # one after the other
+    assert sum(log.startswith("waiting for pid") for log in logs) == 1, logs
+    assert not storage.exists(storage.join(where, ".lease"))  # released
+
+
+def test_a_dead_holders_lease_expires(s3):
+    where = storage.join(s3, "expired")
+    dead = {"owner": "x", "holder": "pid 1 on gone", "expires": time.time() + 3}
+    storage.write_json(storage.join(where, ".lease"), dead)  # a holder that died 117 s into a 120 s term
+    t0 = time.time()
+    logs, spans = _holders(where, hold=0, n=1)
+    assert logs[0].startswith("waiting for pid 1 on gone") and 3 <= spans[0][0] - t0 < 20, (logs, spans[0][0] - t0)
+
+
 def test_cache_on_s3_equals_the_local_cache(ray_local, s3, corpus, local_cache):
     root = storage.join(s3, "full")
     build_cache(CacheOptions(corpus=[str(corpus)], output=root, **OPTS))

@@ -284,3 +284,26 @@ def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, tmp_path):
     assert ("[er_ray train] interrupted: finished epochs are kept in checkpoints; the same command resumes them"
             in rest.splitlines())
     assert "Traceback" not in rest, rest
+
+
+def test_a_run_that_finds_no_cpus_fails_naming_what_holds_them(trec_lora, out):
+    """Ray Train waits 60 s for a worker group and then retries for ever: a sweep once hung 20 minutes so."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from er_ray.train import TrainError
+
+    assert all_cpus_free()
+    holder = placement_group([{"CPU": 1}], name="held-by-test")  # 1 CPU stays free, for reading the cache
+    ray.get(holder.ready(), timeout=30)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(TrainError, match=r"1 worker\(s\) \(1.50 CPU each\) found no room in 12 s\. 2 CPU "
+                                             r"in the cluster, [\d.]+ free; placement group 'held-by-test': 1 CPU "
+                                             r"\(this job\)\. Free them"):
+            train(TrainOptions(task=["trec"], adapter_size=4, cpus_per_worker=1.5, resource_wait=12,
+                               output=str(out), **FAST))
+        assert time.perf_counter() - t0 < 60
+    finally:
+        remove_placement_group(holder)
+    assert all_cpus_free()
