@@ -126,6 +126,9 @@ class RecipeOptions:
 
     epochs: int = 3
     """passes over the training data at most (early stopping may end sooner)"""
+    budget_seconds: float | None = None
+    """seconds of training to spend (e.g. what fine-tuning took): after the first epoch, the epochs that fit are
+    planned, at most --epochs, and the learning rate decays over them; set --epochs high enough"""
     patience: int | None = 2
     """stop after this many epochs without a better dev metric (none: train every epoch)"""
     batch_size: int = 32
@@ -141,6 +144,8 @@ class RecipeOptions:
 
     def __post_init__(self):
         _at_least(self, 1, "epochs", "patience", "batch_size", "max_train_examples")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise OptionsError(f"--budget-seconds must be above 0, got {self.budget_seconds}")
         if self.zero_stage not in (0, 1, 2):
             raise OptionsError("--zero-stage must be 0, 1 or 2 (ZeRO-3 is not supported: it partitions the frozen "
                                "weights too and makes adapter checkpoints costly)")

@@ -44,16 +44,17 @@ def train(opts: TrainOptions) -> list[dict[str, Any]]:
 
 
 def run_name(opts: TrainOptions, task: str, num_layers: int) -> str:
-    """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0. A learning rate
-    other than the adapter's default is in the name: runs that differ only in it would otherwise share a folder,
-    and the second would replace the first."""
+    """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0,
+    task-k3-lora16-120s-s0. A learning rate other than the adapter's default, and a time budget, are in the name:
+    runs that differ only in them would otherwise share a folder, and the second would replace the first."""
     from .encoders import default_cut_layer
 
     k = default_cut_layer(num_layers) if opts.cut_layer is None else opts.cut_layer
     kind = "finetune" if opts.full_finetune else f"k{k}-{opts.adapter}" + \
         ("" if opts.adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
     lr = "" if opts.lr == DEFAULT_LR[opts.adapter] else f"-lr{opts.lr:g}"
-    return f"{task}-{kind}{lr}-s{opts.seed}"
+    budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
+    return f"{task}-{kind}{lr}{budget}-s{opts.seed}"
 
 
 def layout(opts: TrainOptions, task_name: str):
@@ -124,7 +125,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         patience=opts.patience, batch_size=opts.batch_size, zero_stage=opts.zero_stage,
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
-                        hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"])
+                        hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds)
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
 
 

@@ -51,6 +51,8 @@ class LoopConfig:
     """cache (rows of layer-k states) or text (rows of texts)"""
     hidden: int
     cache_dtype: str | None
+    budget_seconds: float | None = None
+    """seconds of training to spend: after the first epoch, the epochs that fit are planned (at most `epochs`)"""
     threads: int | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -70,6 +72,8 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     stopped: bool = False
     """a finished run: a resumed one is not trained again"""
+    planned_epochs: int | None = None
+    """under a time budget: the epochs that fit it, fixed after the first (the learning rate decays over them)"""
     best_weights: dict | None = None
 
     def record(self, dev: dict, metric: str, weights) -> None:
@@ -118,12 +122,28 @@ def init_deepspeed(model, optimizer, scheduler, cfg: dict, cpu: bool):
     return engine
 
 
-def warmup_then_linear_decay(optimizer, total_steps: int, warmup_fraction: float = 0.06):
+class StepPlan:
+    """Warm-up, then linear decay to zero at `total` steps. `total` may be changed while training (a time budget
+    fixes the epochs after the first): the decay then continues from where it is to the new end."""
+
+    def __init__(self, total: int, warmup_fraction: float = 0.06):
+        self.total, self.warmup = total, max(1, int(warmup_fraction * total))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def warmup_then_linear_decay(optimizer, plan: StepPlan):
     import torch
 
-    warmup = max(1, int(warmup_fraction * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
+
+
+def epochs_in_budget(budget: float, epoch_seconds: float, ceiling: int) -> int:
+    """The epochs that fit `budget` seconds at `epoch_seconds` each: at least one, at most `ceiling`."""
+    return max(1, min(ceiling, int(budget // max(epoch_seconds, 1e-9))))
 
 
 class Worker:
@@ -149,8 +169,9 @@ class Worker:
         self.model = TaskModel(self.enc.model, self.spec).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
-        steps_per_epoch = max(1, -(-cfg.train_rows // (cfg.batch_size * self.world)))
-        scheduler = warmup_then_linear_decay(optimizer, steps_per_epoch * cfg.epochs)
+        self.steps_per_epoch = max(1, -(-cfg.train_rows // (cfg.batch_size * self.world)))
+        self.plan = StepPlan(self.steps_per_epoch * cfg.epochs)
+        scheduler = warmup_then_linear_decay(optimizer, self.plan)
         self.engine = init_deepspeed(self.model, optimizer, scheduler,
                                      deepspeed_config(cfg.batch_size, self.world, cfg.zero_stage, cfg.precision),
                                      self.device.type == "cpu")
@@ -176,7 +197,23 @@ class Worker:
         with ckpt.as_directory() as d:
             self.engine.load_checkpoint(d, tag="latest_ds", load_module_strict=False)
             state = LoopState.load(Path(d))
+        if state.planned_epochs:
+            self.plan_epochs(state.planned_epochs)
         return state, True
+
+    def plan_epochs(self, epochs: int) -> None:
+        self.plan.total = self.steps_per_epoch * epochs
+
+    def slowest(self, seconds: float) -> float:
+        """The largest of every worker's `seconds` (workers must agree on a plan, or the collectives hang)."""
+        if self.world == 1:
+            return seconds
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         import torch
@@ -204,6 +241,7 @@ class Worker:
             n_ex += len(y)
         train_s = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(n_steps, 1), "train_seconds": train_s,
+                "learning_rate": float(self.engine.get_lr()[0]),  # at the epoch's end
                 "examples_per_second": n_ex * self.world / max(train_s, 1e-9), "data_seconds": data_s,
                 "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9)}
 
@@ -273,7 +311,8 @@ class Worker:
                    "data_stall": float(np.mean([h["data_stall"] for h in history])),
                    "trainable_parameters": self.model.num_trainable(), "learning_rate": cfg.learning_rate,
                    "batch_size": cfg.batch_size, "workers": cfg.workers, "precision": cfg.precision,
-                   "zero_stage": cfg.zero_stage, "seed": cfg.seed, "history": history,
+                   "zero_stage": cfg.zero_stage, "seed": cfg.seed, "budget_seconds": cfg.budget_seconds,
+                   "planned_epochs": state.planned_epochs or cfg.epochs, "history": history,
                    "started_at": self.started_at, "finished_at": time.time(),
                    "deepspeed": {"world_size": self.world, "global_steps": self.engine.global_steps,
                                  "zero_stage": self.engine.zero_optimization_stage(),
@@ -311,15 +350,20 @@ def train_loop(config: dict) -> None:
     first = state.epochs_done
     for epoch in range(first, cfg.epochs if not state.stopped else 0):
         row = worker.train_epoch(epoch)
+        if cfg.budget_seconds and state.planned_epochs is None:
+            state.planned_epochs = epochs_in_budget(cfg.budget_seconds, worker.slowest(row["train_seconds"]),
+                                                    cfg.epochs)
+            worker.plan_epochs(state.planned_epochs)
         dev = worker.evaluate("dev")
         state.record(dev, cfg.metric, worker.trainable_weights)
-        row = {"run": cfg.run, "epoch": epoch + 1, "epochs": cfg.epochs, "metric": cfg.metric,
+        row = {"run": cfg.run, "epoch": epoch + 1, "epochs": state.planned_epochs or cfg.epochs, "metric": cfg.metric,
                "resumed": resumed and epoch == first, f"dev_{cfg.metric}": dev[cfg.metric],
                "dev_score": dev[cfg.metric],  # one name for every task's metric: what a sweep's scheduler compares
                "trainable_parameters": worker.model.num_trainable(), **row}
         state.history.append(row)
         state.epochs_done = epoch + 1
-        state.stopped = (cfg.patience is not None and state.stale >= cfg.patience) or epoch + 1 == cfg.epochs
+        state.stopped = (cfg.patience is not None and state.stale >= cfg.patience) or \
+            epoch + 1 == (state.planned_epochs or cfg.epochs)
         if live:
             live.epoch(epoch + 1, row["train_loss"], dev[cfg.metric], row["examples_per_second"])
         with tempfile.TemporaryDirectory() as d:

@@ -307,3 +307,29 @@ def test_a_run_that_finds_no_cpus_fails_naming_what_holds_them(trec_lora, out):
     finally:
         remove_placement_group(holder)
     assert all_cpus_free()
+
+
+def test_one_seed_gives_one_result(trec_lora, out, tmp_path):
+    """Two runs of one recycled command with one seed used to differ (Ray Data's block order fed the shuffle)."""
+    cache_dir = next((out / "caches").iterdir())
+    runs = [train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path / d), seed=3,
+                               **dict(FAST, epochs=1, max_train_examples=400)))[0] for d in ("a", "b")]
+    keep = ("dev", "test", "history")
+    same = [{k: r[k] for k in keep} for r in runs]
+    for r in same:
+        r["history"] = [{k: v for k, v in h.items() if "second" not in k and "stall" not in k}  # times differ
+                        for h in r["history"]]
+    assert same[0] == same[1] and same[0]["history"][0]["train_loss"] > 0, same
+
+
+def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
+    """Equal wall time: a recycled run given fine-tuning's training seconds trains as many epochs as fit them."""
+    cache_dir = next((out / "caches").iterdir())
+    m = train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path), budget_seconds=30,
+                           **dict(FAST, epochs=8, max_train_examples=300), patience=None))[0]
+    assert m["run"] == "trec-k3-lora16-30s-s0"
+    first = m["history"][0]["train_seconds"]  # ~6 s here, half of it Ray Data's start
+    assert m["planned_epochs"] == max(1, min(8, int(30 // first))) == m["epochs_run"] == len(m["history"]), m
+    assert 2 <= m["planned_epochs"] < 8 and m["train_seconds"] <= 30 + first  # planned from the first epoch
+    lrs = [h["learning_rate"] for h in m["history"]]
+    assert lrs[-1] < 1e-9 and all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # decayed over the planned epochs
