@@ -214,8 +214,11 @@ def _lease(location: str | os.PathLike, waiting: Callable[[str], None] | None, s
 
     def renew() -> None:
         while not stop.wait(seconds / 3):
-            if (lease := current()) is None or lease["owner"] == me:  # never over another's (ours had expired)
-                write()
+            try:
+                if (lease := current()) is None or lease["owner"] == me:  # never over another's (ours had expired)
+                    write()
+            except OSError:  # a failed request: the next renewal, a third of the term later, tries again
+                pass
 
     renewer = threading.Thread(target=renew, name="er_ray lease", daemon=True)
     renewer.start()

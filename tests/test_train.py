@@ -189,8 +189,10 @@ def _scrape(name: str, ray, timeout: float = 60, **tags) -> float:
 
 
 def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
+    # with a time budget: the two workers agree on its plan through a collective (the run would hang otherwise)
     m = train(TrainOptions(task=["sms_spam"], workers=2, zero_stage=2, output=str(tmp_path), epochs=1,
-                           batch_size=16, max_length=64, max_train_examples=640))[0]
+                           batch_size=16, max_length=64, max_train_examples=640, budget_seconds=600))[0]
+    assert m["planned_epochs"] == 1 and m["budget_seconds"] == 600
     ds = m["deepspeed"]
     assert ds["world_size"] == 2 and ds["zero_stage"] == 2
     assert ds["global_steps"] == 640 // (16 * 2)  # one optimizer step per global batch of 2 x 16
