@@ -34,6 +34,12 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
+def trec_cache(out: Path) -> Path:
+    """The TREC cache the trec_lora fixture built (the wnut16 test adds its own cache beside it)."""
+    (cache,) = (out / "caches").glob("trec-*")
+    return cache
+
+
 @pytest.fixture(scope="module")
 def trec_lora(ray_local, out):
     return train(TrainOptions(task=["trec"], adapter="lora", adapter_size=8, output=str(out), **FAST))[0]
@@ -68,7 +74,7 @@ def test_recycled_bottleneck_and_full_learn_trec(ray_local, out, adapter, size):
 
 def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_path):
     run = out / "runs" / "trec-k3-lora8-s0"
-    cache_dir = next((out / "caches").iterdir())
+    cache_dir = trec_cache(out)
     a = predict.predict(predict.PredictOptions(run=str(run), corpus=["trec"], cache=str(cache_dir),
                                                output=str(tmp_path / "from_cache")))
     b = predict.predict(predict.PredictOptions(run=str(run), corpus=["trec"], output=str(tmp_path / "from_text")))
@@ -208,7 +214,7 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
 def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
     from er_ray.train_data import TrainDataError as TrainError
 
-    cache_dir = next((out / "caches").iterdir())
+    cache_dir = trec_cache(out)
     # 1,200 sampled training documents + 484 dev + 484 test, none of them in the TREC cache
     with pytest.raises(TrainError, match=r"sms_spam: 2,168 of its documents are missing from the cache .*'sms-"):
         train(TrainOptions(task=["sms_spam"], cache=str(cache_dir), output=str(tmp_path), **FAST))
@@ -263,7 +269,7 @@ def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec
     pq.write_table(strangers, tmp_path / "strangers.parquet")
     with pytest.raises(predict.PredictError, match="none of its documents are in the cache"):
         predict.predict(predict.PredictOptions(run=str(run), corpus=[str(tmp_path / "strangers.parquet")],
-                                               cache=str(next((out / "caches").iterdir())),
+                                               cache=str(trec_cache(out)),
                                                output=str(tmp_path / "preds2")))
     assert not list((tmp_path / "preds2").glob("*"))  # no file, no temporary left behind
 
@@ -313,7 +319,7 @@ def test_a_run_that_finds_no_cpus_fails_naming_what_holds_them(trec_lora, out):
 
 def test_one_seed_gives_one_result(trec_lora, out, tmp_path):
     """Two runs of one recycled command with one seed used to differ (Ray Data's block order fed the shuffle)."""
-    cache_dir = next((out / "caches").iterdir())
+    cache_dir = trec_cache(out)
     runs = [train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path / d), seed=3,
                                **dict(FAST, epochs=1, max_train_examples=400)))[0] for d in ("a", "b")]
     keep = ("dev", "test", "history")
@@ -326,7 +332,7 @@ def test_one_seed_gives_one_result(trec_lora, out, tmp_path):
 
 def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
     """Equal wall time: a recycled run given fine-tuning's training seconds trains as many epochs as fit them."""
-    cache_dir = next((out / "caches").iterdir())
+    cache_dir = trec_cache(out)
     m = train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path), budget_seconds=30,
                            **dict(FAST, epochs=8, max_train_examples=300), patience=None))[0]
     assert m["run"] == "trec-k3-lora16-30s-s0"
