@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
@@ -84,6 +85,25 @@ def release_orphaned_placement_groups() -> int:
         except Exception:  # removed meanwhile (by Train's own cleaner)
             pass
     return removed
+
+
+def release_ended_groups(timeout: float = 20.0) -> int:
+    """After a sweep: wait (at most `timeout` s) for the worker groups its trials' controllers made to be removed
+    or orphaned, and remove the orphans; returns how many it removed. Trap: a trial ends in Tune before its
+    controller actor dies, so a check right at the end finds the group's creator alive, and the CPUs stay
+    reserved for the rest of the job (a study's seed runs then waited for them: CI saw one such group)."""
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    end, removed = time.monotonic() + timeout, 0
+    while True:
+        removed += release_orphaned_placement_groups()
+        waiting = [pg for pg in _placement_groups()
+                   if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
+                   and not ray.ActorID(pg.creator_actor_id).is_nil() and pg.creator_job_id.hex() == job]
+        if not waiting or time.monotonic() > end:
+            return removed
+        time.sleep(0.5)
 
 
 def _placement_groups():

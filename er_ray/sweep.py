@@ -302,6 +302,10 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     # "finished no trial"); let it reach the caller instead, as in every verb. Tune's state is saved as it goes.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid_result = tuner.fit()
+    from .cluster import release_ended_groups
+
+    if n := release_ended_groups():  # the last trials' controllers die after Tune has ended
+        say("sweep", f"released the CPUs of {n} ended trial(s)' worker group(s) that Ray Train had not")
     sweep_seconds = time.perf_counter() - t0
     rows = collect(grid_result, out, fp["model"])
     best = write_sweep(rows, out, cache_seconds=cache_seconds, sweep_seconds=sweep_seconds, resumed=resumed)

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import ErRayError
-from .model import IGNORE
 
 
 class TrainDataError(ErRayError):
@@ -29,6 +28,7 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
 
     from .batching import length_batches, pad_rows
     from .codec import decode_rows
+    from .model import IGNORE, token_labels  # here, not at the top: Ray Data's tasks import this module (no torch)
 
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     for chunk in ds_iter.iter_batches(batch_size=batch_size * 8, batch_format="pyarrow",
@@ -58,8 +58,6 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
                 y = torch.tensor([labels[i] for i in g])
                 w = None
             else:
-                from .model import token_labels
-
                 y = torch.full((len(g), T), IGNORE, dtype=torch.long)
                 for j, i in enumerate(g):
                     y[j, :len(rows[i])] = torch.tensor(token_labels(wids[i], labels[i]))

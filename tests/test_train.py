@@ -137,10 +137,10 @@ def test_span_f1_follows_seqeval():
 
 @pytest.fixture(scope="module")
 def clothing_small(tmp_path_factory):
-    """Three task specs over one 900-review corpus: one cache, three task models."""
+    """Three task specs over one 500-review corpus: one cache, three task models."""
     d = tmp_path_factory.mktemp("clothing")
     rating = tasks.load_task("clothing_rating")
-    docs = {r["id"] for split, n in (("train", 600), ("dev", 150), ("test", 150))
+    docs = {r["id"] for split, n in (("train", 300), ("dev", 100), ("test", 100))
             for r in rating.splits[split].slice(0, n).to_pylist()}
     specs = []
     for name in ("clothing_rating", "clothing_recommended", "clothing_department"):
@@ -156,7 +156,7 @@ def clothing_small(tmp_path_factory):
 def test_three_tasks_train_concurrently_over_one_cache(ray_local, clothing_small, tmp_path):
     t0 = time.time()
     rows = train(TrainOptions(task=clothing_small, adapter="lora", adapter_size=8, output=str(tmp_path), epochs=1,
-                              batch_size=32, max_length=64))
+                              batch_size=32, max_length=48))
     assert sorted(r["task"] for r in rows) == ["small_clothing_department", "small_clothing_rating",
                                                "small_clothing_recommended"]
     assert len(list((tmp_path / "caches").iterdir())) == 1  # the corpus was cached once for all three
