@@ -37,7 +37,7 @@ def main() -> None:
     connect(dashboard=True)
     work = Path(tempfile.mkdtemp(prefix="er_ray_sweep_bench_"))
     common = dict(task=list(CLOTHING), model=a.model, cut_layer=[int(x) for x in a.cut_layer.split(",")],
-                  adapter_size=[int(x) for x in a.adapter_size.split(",")], epochs=a.epochs,
+                  adapter=["lora"], adapter_size=[int(x) for x in a.adapter_size.split(",")], epochs=a.epochs,
                   max_train_examples=a.max_train_examples, max_length=a.max_length, caches=str(work))
     arms = {}
     for arm, extra in (("sweep_concurrent_asha", {}),

@@ -235,8 +235,9 @@ class SweepOptions:
     """what every trial shares (its cut layer, adapter, size and learning rate come from the grid)"""
     cut_layer: list[int] = field(default_factory=list)
     """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers)"""
-    adapter: list[Adapter] = field(default_factory=lambda: ["lora"])
-    """adapter kinds to try: lora, bottleneck, full"""
+    adapter: list[Adapter] = field(default_factory=lambda: list(ADAPTERS))
+    """adapter kinds to try: lora, bottleneck, full (the whole upper layers); by default all three, the paper's
+    configurations (a study reports the best of each at k = L/2)"""
     adapter_size: list[int] = field(default_factory=lambda: [8, 32])
     """adapter sizes to try (LoRA rank, bottleneck width; ignored by full)"""
     learning_rate: list[float] = field(default_factory=list)
@@ -288,11 +289,21 @@ class StudyOptions:
     the first"""
     max_concurrent_runs: int | None = None
     """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
+    finetune_learning_rate: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4])
+    """fine-tuning's learning rates: each task's best on dev (first seed) is trained for every seed, so recycling
+    is compared with fine-tuning done well (one value: no pick)"""
+    match_finetune_time: bool = False
+    """also train the sweep's pick for fine-tuning's training seconds (its seed's, task's): as many epochs as fit
+    them, up to 4x --epochs, best epoch on dev; a row of the report
+    ("recycled best, finetune's time")"""
 
     def __post_init__(self):
         self.model, self.seed = _listed(self.model), _listed(self.seed)
-        if not self.model or not self.seed:
-            raise OptionsError("--model and --seed need at least one value each")
+        self.finetune_learning_rate = _listed(self.finetune_learning_rate)
+        if not self.model or not self.seed or not self.finetune_learning_rate:
+            raise OptionsError("--model, --seed and --finetune-learning-rate need at least one value each")
+        if bad := [lr for lr in self.finetune_learning_rate if lr <= 0]:
+            raise OptionsError(f"--finetune-learning-rate must be positive, got {bad[0]:g}")
         _at_least(self, 1, "max_concurrent_runs")
 
     @property

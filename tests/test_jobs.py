@@ -326,7 +326,8 @@ def test_predict_job_labels_documents_from_the_cache(head, out, trained, cache_d
     assert set(table.column("label").to_pylist()) <= labels
 
 
-SMALL = ["--cut-layer", "3", "--adapter-size", "4", "--epochs", "1", "--max-train-examples", "32", "--max-length", "32"]
+SMALL = ["--cut-layer", "3", "--adapter", "lora", "--adapter-size", "4", "--epochs", "1", "--max-train-examples", "32",
+         "--max-length", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -347,15 +348,30 @@ def test_sweep_job_writes_the_table_and_plots(swept):
 
 
 def test_study_job_writes_a_report_from_its_runs_and_resumes(head, out, swept):
-    """The paper's study, cut to one model, task, seed and k; its cache is the sweep job's (--caches)."""
+    """The paper's study, cut to one model, task, seed and k; its cache is the sweep job's (--caches). Fine-tuning's
+    learning rate picked on dev from two; with --match-finetune-time, the sweep's pick again for fine-tuning's
+    training seconds."""
     d = out / "study"
-    args = ["--model", "minilm", "--task", "trec", "--seed", "0", *SMALL, "--caches", str(swept), "--output", str(d)]
-    submit(head, "study.py", args)
+    args = ["--model", "minilm", "--task", "trec", "--seed", "0", *SMALL, "--caches", str(swept),
+            "--finetune-learning-rate", "3e-5,1e-4", "--match-finetune-time", "--output", str(d)]
+    submit(head, "study.py", args, timeout_s=2 * JOB_TIMEOUT_S)  # six Train runs, each ~45 s here
     runs = pq.read_table(d / "study.parquet").to_pylist()
-    # fine-tuning + one recycled run that is both the best at L/2 and the sweep's best (trained once)
-    assert sorted(r["variant"] for r in runs) == ["finetune", "recycled best", "recycled k=L/2"]
+    # fine-tuning + one recycled run that is both the best at L/2 and the sweep's best (trained once), + that
+    # configuration at fine-tuning's time
+    assert sorted(r["variant"] for r in runs) == ["finetune", "recycled best", "recycled best, finetune's time",
+                                                  "recycled k=L/2 lora"]
+    # fine-tuning at both learning rates; the better on dev is the reported one (its run, not a third)
+    picks = {n: json.loads((d / "minilm" / "runs" / n / "metrics.json").read_text())
+             for n in ("trec-finetune-lr3e-05-s0", "trec-finetune-s0")}
+    ft_metrics = max(picks.values(), key=lambda m: m["dev"])
+    assert next(r for r in runs if r["variant"] == "finetune")["run"] == ft_metrics["run"]
+    budget = max(1, round(ft_metrics["train_seconds"]))
     run_dirs = sorted(p.parent for p in (d / "minilm" / "runs").glob("*/metrics.json"))
-    assert [p.name for p in run_dirs] == ["trec-finetune-s0", "trec-k3-lora4-s0"]
+    assert [p.name for p in run_dirs] == ["trec-finetune-lr3e-05-s0", "trec-finetune-s0", f"trec-k3-lora4-{budget}s-s0",
+                                          "trec-k3-lora4-s0"]
+    timed = json.loads((run_dirs[2] / "metrics.json").read_text())
+    assert timed["budget_seconds"] == budget and 1 <= timed["planned_epochs"] == timed["epochs_run"] <= 4
+    assert timed["train_seconds"] <= budget + timed["history"][0]["train_seconds"]  # planned after its first epoch
     report = (d / "REPORT.md").read_text()
     assert "The paper's headline" in report and "(minilm/sweep/sweep.md)" in report
     for r in runs:  # every number in the report is a run's own
@@ -363,9 +379,10 @@ def test_study_job_writes_a_report_from_its_runs_and_resumes(head, out, swept):
         assert r["test"] == m["test"] and r["seconds_per_epoch"] == m["seconds_per_epoch"]
         assert f"{m['test']:.4f}" in report
     ft = next(r for r in runs if r["variant"] == "finetune")
-    rec = next(r for r in runs if r["variant"] == "recycled k=L/2")
+    rec = next(r for r in runs if r["variant"] == "recycled k=L/2 lora")
     assert ft["cut_layer"] == 0 and rec["cut_layer"] == 3 and rec["adapter"] == "lora"
     assert f"{ft['seconds_per_epoch'] / rec['seconds_per_epoch']:.2f}x" in report
+    assert f"| lr {ft['learning_rate']:g} |" in report and "picked on dev from 3e-05, 0.0001" in report
     assert (d / "plots" / "minilm-study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (d / "caches").exists()  # nothing encoded again: the sweep's cache served
     assert f"The caches came from {swept} (--caches)" in report  # so their near-zero cost is not taken as theirs

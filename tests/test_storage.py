@@ -268,7 +268,8 @@ def test_train_predict_and_sweep_write_to_s3(ray_local, s3, trec_small):
 
     # A one-trial sweep over the train run's cache (--caches): nothing is encoded again, nothing cached under it.
     sweep_out = storage.join(s3, "sweep")
-    assert main(["sweep", *tiny, "--scheduler", "fifo", "--caches", out, "--output", sweep_out]) == 0
+    assert main(["sweep", *tiny, "--adapter", "lora", "--scheduler", "fifo", "--caches", out, "--output",
+                 sweep_out]) == 0
     trial = "trec_small-k3-lora4-lr0.001-s0"
     rows = storage.read_parquet(storage.join(sweep_out, "sweep.parquet")).to_pylist()
     assert [(r["trial"], r["status"]) for r in rows] == [(trial, "done")]

@@ -19,8 +19,8 @@ from er_ray.options import SweepOptions, build
 from er_ray.sweep import pareto_front, sweep
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
-ARGS = ["--task", "trec", "--cut-layer", "2,4", "--adapter-size", "4", "--learning-rate", "2e-3", "--epochs",
-        "2", "--max-train-examples", "200", "--max-length", "48", "--batch-size", "16",
+ARGS = ["--task", "trec", "--cut-layer", "2,4", "--adapter", "lora", "--adapter-size", "4", "--learning-rate", "2e-3",
+        "--epochs", "2", "--max-train-examples", "200", "--max-length", "48", "--batch-size", "16",
         "--max-concurrent-trials", "1", "--scheduler", "fifo"]
 TRIALS = [f"trec-k{k}-lora4-lr0.002-s0" for k in (2, 4)]
 MAJORITY_DEV = 0.23  # trec's dev split: 125 of 546 questions are its largest class
@@ -90,43 +90,59 @@ def test_pareto_front():
 
 def test_the_study_reports_k_half_when_asha_stopped_every_trial_there():
     """The rows of a real sweep (MiniLM, sms_spam, 2026-11-27): ASHA stopped both trials at k = L/2 = 3 after an
-    epoch because k = 2 won; the study crashed. k = L/2 must still be trained and reported."""
-    def trial(k, status, dev, size=16):
-        return {"task": "sms_spam", "cut_layer": k, "adapter_size": size, "status": status, "dev": dev}
+    epoch because k = 2 won; the study crashed. k = L/2 must still be trained and reported, for each adapter kind
+    the sweep tried (the paper's configurations: LoRA, bottleneck, the whole upper layers)."""
+    def trial(k, status, dev, size=16, adapter="lora"):
+        return {"task": "sms_spam", "cut_layer": k, "adapter": adapter, "adapter_size": size, "status": status,
+                "dev": dev}
 
     trials = [trial(2, "done", 0.9814), trial(3, "stopped", 0.9793), trial(3, "stopped", 0.9801, size=8),
-              trial(4, "stopped", 0.9793), trial(4, "error", None), {**trial(2, "done", 0.99), "task": "trec"}]
+              trial(4, "stopped", 0.9793), trial(4, "error", None), {**trial(2, "done", 0.99), "task": "trec"},
+              trial(3, "done", 0.9750, adapter="full", size=None), trial(3, "done", 0.9700, adapter="bottleneck"),
+              trial(3, "stopped", 0.9790, adapter="bottleneck", size=64), trial(3, "error", None, adapter="full")]
     chosen = choose(trials, "sms_spam", half=3, model="minilm")
+    assert list(chosen) == ["recycled k=L/2 lora", "recycled k=L/2 full", "recycled k=L/2 bottleneck",
+                            "recycled best"]  # the sweep's order of adapter kinds, then the best of all
     assert chosen["recycled best"] == trials[0]
-    assert chosen["recycled k=L/2"] == trials[2]  # the better dev score among the stopped ones
+    assert chosen["recycled k=L/2 lora"] == trials[2]  # the better dev score among the stopped ones
+    assert chosen["recycled k=L/2 full"] == trials[6]
     # a finished trial at L/2 beats a stopped one with a higher (one-epoch) score: ASHA judged them
+    assert chosen["recycled k=L/2 bottleneck"] == trials[7]
     chosen = choose(trials + [trial(3, "done", 0.97)], "sms_spam", half=3, model="minilm")
-    assert chosen["recycled k=L/2"]["status"] == "done"
+    assert chosen["recycled k=L/2 lora"]["status"] == "done"
     with pytest.raises(RuntimeError, match="no trial at k = L/2 = 3"):
         choose([t for t in trials if t["cut_layer"] != 3], "sms_spam", half=3, model="minilm")
     with pytest.raises(RuntimeError, match="finished no trial"):
         choose([t for t in trials if t["status"] != "done"], "sms_spam", half=3, model="minilm")
 
 
-def test_the_study_charges_each_corpus_its_own_cache_time_shared_by_its_tasks():
+def test_the_study_has_a_row_per_configuration_and_charges_each_corpus_its_own_cache_time():
     """Seen in the seven-task study: the total cache time split equally over 5 corpora charged TREC's 5,452
     questions as much as 22,641 clothing reviews (3.0 fine-tuning epochs against 0.43)."""
-    def run(task, corpus, variant, epoch_s):
-        return {"model": "minilm", "task": task, "corpus": corpus, "variant": variant, "test": 0.9, "metric":
-                "accuracy", "seconds_per_epoch": epoch_s, "cut_layer": 3, "adapter": "lora", "adapter_size": 16,
+    def run(task, corpus, variant, epoch_s, test=0.9, adapter="lora"):
+        return {"model": "minilm", "task": task, "corpus": corpus, "variant": variant, "test": test, "metric":
+                "accuracy", "seconds_per_epoch": epoch_s, "cut_layer": 3, "adapter": adapter, "adapter_size": 16,
                 "learning_rate": 1e-3}
 
-    runs = [run(t, c, v, s) for t, c in (("trec", "trec"), ("rating", "clothing"), ("department", "clothing"))
-            for v, s in (("finetune", 20.0), ("recycled k=L/2", 5.0), ("recycled best", 5.0))]
+    runs = [run(t, c, v, s, test, a) for t, c in (("trec", "trec"), ("rating", "clothing"), ("department", "clothing"))
+            for v, s, test, a in (("finetune", 20.0, 0.9, "lora"), ("recycled k=L/2 lora", 5.0, 0.885, "lora"),
+                                  ("recycled k=L/2 full", 8.0, 0.91, "full"), ("recycled best", 5.0, 0.9, "lora"))]
     caches = {"minilm": {"seconds": 150.0, "corpora": ["clothing", "trec"],
                          "seconds_per_corpus": {"clothing": 130.0, "trec": 20.0}}}
-    rows = {r["task"]: r for r in summarise(runs, caches)}
-    assert rows["trec"]["cache s per task"] == 20.0 and rows["trec"]["cache cost (finetune epochs)"] == 1.0
-    assert rows["rating"]["cache s per task"] == rows["department"]["cache s per task"] == 65.0
-    assert rows["rating"]["recycled k=L/2 speedup"] == 4.0
-    assert rows["trec"]["finetune sd"] is None and _fmt(0.9, None) == "0.9000"  # one seed: no spread to show
+    rows = {(r["task"], r["variant"]): r for r in summarise(runs, caches)}
+    assert [v for t, v in rows if t == "trec"] == ["finetune", "recycled k=L/2 lora", "recycled k=L/2 full",
+                                                   "recycled best"]
+    assert rows["trec", "recycled k=L/2 lora"]["cache s per task"] == 20.0
+    assert rows["trec", "recycled k=L/2 lora"]["cache cost (finetune epochs)"] == 1.0
+    assert rows["rating", "recycled best"]["cache s per task"] == rows["department", "finetune"]["cache s per task"] \
+        == 65.0
+    assert rows["rating", "recycled k=L/2 lora"]["speedup"] == 4.0 and rows["rating", "finetune"]["speedup"] is None
+    assert rows["rating", "recycled k=L/2 full"]["config"] == "k=3 full lr 0.001"
+    assert rows["trec", "recycled k=L/2 lora"]["vs finetune"] == pytest.approx(-1.5)  # points
+    assert rows["trec", "recycled k=L/2 full"]["vs finetune"] == pytest.approx(1.0)
+    assert rows["trec", "finetune"]["sd"] is None and _fmt(0.9, None) == "0.9000"  # one seed: no spread to show
     two = summarise(runs + [dict(r, seed=1) for r in runs], caches)  # seeds that agree: a spread of 0, shown
-    assert two[0]["finetune sd"] == 0.0 and _fmt(0.9, 0.0) == "0.9000 ± 0.0000"
+    assert two[0]["sd"] == 0.0 and two[0]["seeds"] == 2 and _fmt(0.9, 0.0) == "0.9000 ± 0.0000"
     old = {"minilm": {"seconds": 150.0, "corpora": ["clothing", "trec"]}}  # a cache.json written before
     assert {r["task"]: r["cache s per task"] for r in summarise(runs, old)} == \
         {"trec": 75.0, "rating": 37.5, "department": 37.5}
@@ -153,9 +169,9 @@ def test_a_sweep_caches_every_task_of_a_shared_corpus_not_only_the_first(ray_loc
         specs.append(str(tmp_path / f"{name}.yaml"))
         ids |= {r["id"] for r in rows}
     out = tmp_path / "sweep"
-    result = sweep(build(SweepOptions, task=specs, cut_layer=[3], adapter_size=[4], learning_rate=[2e-3], epochs=1,
-                                max_train_examples=64, max_length=32, batch_size=16, scheduler="fifo",
-                                output=str(out)))
+    result = sweep(build(SweepOptions, task=specs, cut_layer=[3], adapter=["lora"], adapter_size=[4],
+                         learning_rate=[2e-3], epochs=1, max_train_examples=64, max_length=32, batch_size=16,
+                         scheduler="fifo", output=str(out)))
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert sorted((r["task"], r["status"]) for r in rows) == [("trec_a", "done"), ("trec_b", "done")], rows
     root = out / "caches" / "trec_shared-minilm-32"
@@ -169,19 +185,20 @@ def test_the_default_asha_scheduler_stops_trials_and_the_sweep_still_finishes(ra
     after them still get workers and finish (a stopped trial's worker group must release its CPUs; a study once
     hung here for 20 minutes, every later trial timing out on its worker group).
 
-    One trial at a time, in the grid's order, and every second one with a learning rate too small to move its
-    first epoch: whether ASHA stops a trial depends on the trials that reached the rung before it, and CI once
-    saw four similar trials arrive best-last, so none was stopped."""
+    One trial at a time, in the grid's order (learning rates as given), the second with a learning rate too small
+    to move its first epoch: whether ASHA stops a trial depends on the trials that reached the rung before it,
+    and CI once saw four similar trials arrive best-last, so none was stopped. The third runs after the stopped
+    one, on the CPUs the stopped one must have released."""
     out = tmp_path / "asha"
     t0 = time.perf_counter()
-    result = sweep(build(SweepOptions, task=["trec"], cut_layer=[3, 4], adapter_size=[4],
-                         learning_rate=[3e-3, 1e-7], epochs=2, max_train_examples=192, max_length=32, batch_size=16,
-                         max_concurrent_trials=1, output=str(out)))
+    result = sweep(build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora"], adapter_size=[4],
+                         learning_rate=[3e-3, 1e-7, 2e-3], epochs=2, max_train_examples=192, max_length=32,
+                         batch_size=16, max_concurrent_trials=1, output=str(out)))
     rows = {r["trial"]: r for r in result["trials"]}
-    assert len(rows) == 4 and time.perf_counter() - t0 < 900
+    assert len(rows) == 3 and time.perf_counter() - t0 < 900
     stopped = [t for t, r in rows.items() if r["status"] == "stopped"]
     done = [t for t, r in rows.items() if r["status"] == "done"]
-    assert stopped and done and len(stopped) + len(done) == 4, rows
+    assert stopped == ["trec-k3-lora4-lr1e-07-s0"] and len(done) == 2, rows
     for t in stopped:  # stopped after the grace period's one epoch, with its dev score kept
         assert rows[t]["epochs_run"] == 1 and rows[t]["dev"] is not None and rows[t]["test"] is None
     for t in done:
