@@ -204,8 +204,9 @@ def summarise(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]]) -> 
                 train_s, _ = _mean_sd([r.get("train_seconds") for r in rs])
                 r = rs[0]
                 row = {"model": model, "task": task, "variant": v, "metric": r["metric"], "seeds": len(rs),
-                       "test": mean, "sd": sd, "epochs": epochs, "train s": train_s, "s/epoch": epoch_s, "config": None, "vs finetune": None,
-                       "speedup": None, "cache s per task": cache_s, "cache cost (finetune epochs)": None}
+                       "test": mean, "sd": sd, "epochs": epochs, "train s": train_s, "s/epoch": epoch_s,
+                       "config": None, "vs finetune": None, "speedup": None, "cache s per task": cache_s,
+                       "cache cost (finetune epochs)": None}
                 if v == FINETUNE:
                     ft_test, ft_epoch = mean, epoch_s
                     row["config"] = f"lr {r['learning_rate']:g}"
@@ -237,7 +238,8 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
     table = [{"model": r["model"], "task": r["task"], "metric": r["metric"], "variant": r["variant"],
               "config": r["config"] or "", "seeds": r["seeds"], "test": _fmt(r["test"], r["sd"]),
               "vs finetune": "" if r["vs finetune"] is None else f"{r['vs finetune']:+.2f}",
-              "epochs": r["epochs"], "train s": r["train s"], "s/epoch": r["s/epoch"], "speedup": f"{r['speedup']:.2f}x" if r["speedup"] else "",
+              "epochs": r["epochs"], "train s": r["train s"], "s/epoch": r["s/epoch"],
+              "speedup": f"{r['speedup']:.2f}x" if r["speedup"] else "",
               "cache cost (finetune epochs)": r["cache cost (finetune epochs)"]} for r in summary]
     with tempfile.TemporaryDirectory() as tmp:  # drawn here, then copied to OUTPUT/plots (local or remote)
         plots = plot_study(summary, Path(tmp))
@@ -248,8 +250,9 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
           + (f", at most {opts.train.max_train_examples} training examples" if opts.train.max_train_examples else "")
           + ".",
           "", "A row per configuration: fine-tuning (its learning rate picked on dev from "
-          f"{', '.join(f'{lr:g}' for lr in opts.finetune_learning_rate)} with the first seed); at k = L/2, the best on dev of each adapter kind the sweep "
-          "tried (lora, bottleneck, full: the whole upper layers); the sweep's best of all. Test scores are the mean "
+          f"{', '.join(f'{lr:g}' for lr in opts.finetune_learning_rate)} with the first seed); at k = L/2, the "
+          "best on dev of each adapter kind the sweep tried (lora, bottleneck, full: the whole upper layers); the "
+          "sweep's best of all. Test scores are the mean "
           "(± standard deviation) over seeds of the epoch chosen on dev; `vs finetune` is the difference of means in "
           "points. Speed-up is fine-tuning's seconds per epoch over the recycled model's."
           + (f" `{EQUAL_TIME}`: the sweep's pick trained for as many epochs as fit fine-tuning's training seconds "
