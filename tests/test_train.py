@@ -274,12 +274,21 @@ def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec
     assert not list((tmp_path / "preds2").glob("*"))  # no file, no temporary left behind
 
 
+def at_a_terminal():
+    """The child as a terminal would start it. A suite started in the background (`make test &`) ignores SIGINT,
+    its children inherit that, and Python then installs no KeyboardInterrupt handler: the Ctrl-C below was
+    ignored so once, and the run trained to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, tmp_path):
     """Ctrl-C used to end in a traceback (or, in a study, in a sweep that 'finished no trial')."""
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([ER_RAY, "train", "--task", "trec", "--output", str(tmp_path), "--epochs", "3",
                              "--max-train-examples", "400", "--max-length", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=at_a_terminal)
     lines = []
     for line in proc.stderr:  # interrupt once training has started
         lines.append(line)
