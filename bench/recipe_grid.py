@@ -9,6 +9,10 @@ Per seed: one `er-ray sweep` per adapter kind over every task at k = L/2 with th
 every trial runs to the end), and full fine-tuning of every task at each of its learning rates (at most two runs
 at once). Dev and test are the tasks' whole splits. A run "collapses" when its test score is within 2 points of
 predicting the majority class (classification) or its span F1 is below 0.05 (token classification).
+
+Resumable: runs are kept under --work by name, and a run that finished before is read, not trained again (a
+sweep reads its finished trials; fine-tuning skips runs whose metrics.json exists), so seeds and arms can be
+added one command at a time.
 """
 
 from __future__ import annotations
@@ -74,25 +78,29 @@ def main():
     base = dict(task=names, model=a.model, epochs=a.epochs, patience=None, max_length=a.max_length,
                 max_train_examples=a.max_train_examples)
     rows, t0 = [], time.perf_counter()
+    ft_lrs = _floats(a.lr_finetune)
     for seed in seeds:
-        for adapter in a.adapters.split(","):
+        for adapter in filter(None, a.adapters.split(",")):  # --adapters "": fine-tuning only
             lrs = _floats(getattr(a, f"lr_{adapter}"))
             res = sweep(SweepOptions(train=TrainOptions(**base, seed=seed, output=str(work / f"{adapter}-s{seed}")),
                                      cut_layer=[half], adapter=[adapter], adapter_size=[16], learning_rate=lrs,
                                      scheduler="fifo", caches=str(work / "caches")))
             rows += [{"arm": adapter, "learning_rate": r["learning_rate"], "task": r["task"], "seed": seed,
                       "dev": r["dev"], "test": r["test"], "status": r["status"]} for r in res["trials"]]
-        if ft_lrs := _floats(a.lr_finetune):
+        if ft_lrs:
             runs = [(TrainOptions(**dict(base, task=[t]), seed=seed, full_finetune=True, learning_rate=lr,
                                   output=str(work / f"finetune-s{seed}")), t) for t in names for lr in ft_lrs]
-            for (opts, t), m in zip(runs, run_all(runs, work / f"finetune-s{seed}", max_concurrent=2)):
+            for (opts, t), m in zip(runs, run_all(runs, work / f"finetune-s{seed}", max_concurrent=2,
+                                                           skip_done=True)):
                 rows.append({"arm": "finetune", "learning_rate": opts.learning_rate, "task": t, "seed": seed,
                              "dev": m["dev"], "test": m["test"], "status": "done"})
     report = summarise(rows, floors)
     report.update(model=a.model, cut_layer=half, epochs=a.epochs, max_train_examples=a.max_train_examples,
                   seeds=seeds, seconds=time.perf_counter() - t0, rows=rows, majority=floors)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"recipe_grid_{a.model}_{a.max_train_examples}x{a.epochs}.json"
+    arms = "+".join(filter(None, [*a.adapters.split(","), "finetune" if ft_lrs else ""]))
+    seeds_ = a.seeds.replace(",", "")
+    path = Path(a.out) / f"recipe_grid_{a.model}_{a.max_train_examples}x{a.epochs}_{arms}_s{seeds_}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])
     print(f"-> {path}")
@@ -121,7 +129,8 @@ def summarise(rows: list[dict], floors: dict[str, float | None]) -> dict:
             per_task[t] = statistics.fmean(r["test"] for r in got)
             gaps += [100 * (r["test"] - ft[(t, r["seed"])]["test"]) for r in got if (t, r["seed"]) in ft]
         n_collapsed = sum(collapsed(r["test"], floors.get(r["task"])) for r in mine)
-        entry = {"arm": arm, "learning_rate": lr, "test": per_task, "mean_gap": statistics.fmean(gaps) if gaps else None,
+        entry = {"arm": arm, "learning_rate": lr, "test": per_task,
+                 "mean_gap": statistics.fmean(gaps) if gaps else None,
                  "worst_gap": min(gaps) if gaps else None, "collapsed": n_collapsed, "runs": len(mine)}
         summary.append(entry)
         fmt = (lambda x: "" if x is None else f"{x:+.1f}")

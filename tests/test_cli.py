@@ -28,6 +28,18 @@ def test_help_lists_every_verb_and_documents_options():
     assert "--cut-layer" in out and "half the layers" in out and "(default: minilm)" in out
 
 
+def test_train_help_states_the_default_learning_rates():
+    """The defaults come from a grid over every built-in task (BENCHMARKS.md); --help must say what they are."""
+    import re
+
+    from er_ray.options import DEFAULT_LR
+
+    out = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines
+    text = out.split("--learning-rate LEARNING_RATE")[-1][:300]
+    stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", text))
+    assert {a: float(v) for a, v in stated.items()} == DEFAULT_LR, out
+
+
 def test_every_verbs_help_formats():
     # argparse formats help lazily: a bad help string (a lone %) only fails when someone asks for --help
     parser = cli.build_parser()

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from er_ray.options import DEFAULT_LR
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -333,13 +335,17 @@ SMALL = ["--cut-layer", "3", "--adapter", "lora", "--adapter-size", "4", "--epoc
 @pytest.fixture(scope="module")
 def swept(head, out):
     d = out / "sweep"
-    submit(head, "sweep.py", ["--task", "trec", *SMALL, "--scheduler", "fifo", "--output", str(d)])
+    logs = submit(head, "sweep.py", ["--task", "trec", *SMALL, "--scheduler", "fifo", "--output", str(d)])
+    (out / "sweep.log").write_text(logs)
     return d
 
 
 def test_sweep_job_writes_the_table_and_plots(swept):
+    logs = (swept.parent / "sweep.log").read_text()
+    # er_ray's lines, not Tune's status tables (its closing "Current best trial: ... params={...}" was 700 chars)
+    assert "[er_ray sweep]" in logs and "Current best trial" not in logs and "Trial status" not in logs, logs
     rows = pq.read_table(swept / "sweep.parquet").to_pylist()
-    assert [(r["trial"], r["status"]) for r in rows] == [("trec-k3-lora4-lr0.001-s0", "done")]
+    assert [(r["trial"], r["status"]) for r in rows] == [(f"trec-k3-lora4-lr{DEFAULT_LR['lora']:g}-s0", "done")]
     m = json.loads((swept / "runs" / rows[0]["trial"] / "metrics.json").read_text())
     assert (rows[0]["dev"], rows[0]["test"]) == (m["dev"], m["test"])
     for png in ("trec-dev-vs-k.png", "trec-pareto.png"):

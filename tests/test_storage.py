@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 from er_ray import cache, storage, tasks  # noqa: E402
 from er_ray.cache import open_cache  # noqa: E402
 from er_ray.cache_build import build_cache  # noqa: E402
-from er_ray.options import CacheOptions  # noqa: E402
+from er_ray.options import DEFAULT_LR, CacheOptions  # noqa: E402
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 N_DOCS, SHARD_ROWS = 160, 16
@@ -270,7 +270,7 @@ def test_train_predict_and_sweep_write_to_s3(ray_local, s3, trec_small):
     sweep_out = storage.join(s3, "sweep")
     assert main(["sweep", *tiny, "--adapter", "lora", "--scheduler", "fifo", "--caches", out, "--output",
                  sweep_out]) == 0
-    trial = "trec_small-k3-lora4-lr0.001-s0"
+    trial = f"trec_small-k3-lora4-lr{DEFAULT_LR['lora']:g}-s0"
     rows = storage.read_parquet(storage.join(sweep_out, "sweep.parquet")).to_pylist()
     assert [(r["trial"], r["status"]) for r in rows] == [(trial, "done")]
     trial_m = storage.read_json(storage.join(sweep_out, "runs", trial, "metrics.json"))

@@ -17,7 +17,7 @@ from conftest import all_cpus_free
 
 from er_ray import predict, tasks
 from er_ray.metrics import bio_spans, f1, span_counts
-from er_ray.options import TrainOptions
+from er_ray.options import DEFAULT_LR, TrainOptions
 from er_ray.train import run_name, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
@@ -121,9 +121,9 @@ def test_wnut16_reports_span_f1(ray_local, out):
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
     base = dict(task=["trec"], cut_layer=3, output="unused")
     names = {run_name(TrainOptions(**base, **o), "trec", num_layers=6) for o in
-             (dict(), dict(learning_rate=1e-3), dict(learning_rate=2e-3), dict(adapter_size=8),
+             (dict(), dict(learning_rate=DEFAULT_LR["lora"]), dict(learning_rate=2e-2), dict(adapter_size=8),
               dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
-    assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.002-s0", "trec-k3-lora8-s0",  # 1e-3 is the default
+    assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.02-s0", "trec-k3-lora8-s0",  # the default is unnamed
                      "trec-finetune-s0", "trec-finetune-lr3e-05-s0"}
 
 
