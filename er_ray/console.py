@@ -35,6 +35,10 @@ def configure(verbose: bool = False) -> None:
     _state.update(verbose=verbose, configured=True)
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI colour codes in logs that land in files
     if not verbose:
+        # Tune's newer console prints its status table and "Current best trial: ... params={...}" (the whole
+        # trial config) once more at the end even at verbose=0; the older one honours it. er_ray prints a line per
+        # trial itself and the table after.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         _filter_stderr()
 
 

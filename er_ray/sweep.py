@@ -301,10 +301,6 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     # Ctrl-C: Tune would catch it, stop, and return as if done (a study then went on and failed on a sweep that
     # "finished no trial"); let it reach the caller instead, as in every verb. Tune's state is saved as it goes.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    if not verbose():  # Tune's newer console prints its status table and "Current best trial: ... params={...}"
-        # (the whole config, hundreds of characters) once more at the end even at verbose=0; the older console
-        # honours verbose=0. er_ray prints one line per trial itself (trial_lines) and the table after.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid_result = tuner.fit()
     from .cluster import release_ended_groups
 
