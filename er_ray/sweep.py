@@ -22,7 +22,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .options import DEFAULT_LR, SweepOptions, TrainOptions
+from .options import SweepOptions, TrainOptions, default_learning_rate
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
@@ -32,8 +32,9 @@ def default_cut_layers(num_layers: int) -> list[int]:
     return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
 
 
-def grid(opts: SweepOptions, num_layers: int) -> list[dict[str, Any]]:
-    """Every trial's point: (cut layer, adapter, size, learning rate), without duplicates (full has no size)."""
+def grid(opts: SweepOptions, num_layers: int, task_type: str = "classification") -> list[dict[str, Any]]:
+    """Every trial's point on a task of this type: (cut layer, adapter, size, learning rate), without duplicates
+    (full has no size). Without --learning-rate, each adapter kind's default for the task type."""
     from .encoders import check_cut_layer
 
     layers = opts.cut_layer or ([opts.train.cut_layer] if opts.train.cut_layer is not None else
@@ -44,7 +45,7 @@ def grid(opts: SweepOptions, num_layers: int) -> list[dict[str, Any]]:
     for k in sorted(set(layers)):
         for adapter in dict.fromkeys(opts.adapter):
             for size in ([None] if adapter == "full" else sorted(set(opts.adapter_size))):
-                for lr in (opts.learning_rate or [DEFAULT_LR[adapter]]):
+                for lr in (opts.learning_rate or [default_learning_rate(adapter, task_type)]):
                     points.append({"cut_layer": k, "adapter": adapter, "adapter_size": size, "learning_rate": lr})
     return points
 
@@ -234,8 +235,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     train.require_task()
     storage.writable_folder(train.output)
     fp = fingerprint(train.model, train.max_length)
-    points = grid(opts, fp["num_layers"])  # a bad option fails here, before Ray starts
     loaded = {t: tasks.load_task(t) for t in train.task}  # a task given as a spec file is named by its spec
+    # A bad option fails here, before Ray starts. The points differ by task only in default learning rates.
+    points = {t: grid(opts, fp["num_layers"], task.type) for t, task in loaded.items()}
     # Tune over Ray Train needs the dashboard (State API): without it a trial stopped by ASHA keeps its workers'
     # placement group and the next trial waits for resources forever.
     connect(dashboard=True)
@@ -243,7 +245,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     train_base = dataclasses.asdict(dataclasses.replace(train, output=str(out)))
 
     # Caches first: one multi-layer pass per corpus covers every k of the grid; trials only read.
-    layers = sorted({p["cut_layer"] for p in points})
+    layers = sorted({p["cut_layer"] for ps in points.values() for p in ps})
     caches, corpus_seconds = {}, {}  # the seconds per corpus: a study charges each corpus's tasks its own cost
     # Every task, not only a corpus's first: tasks over one corpus need not hold the same documents (built-in
     # clothing_department lacks 13 of clothing_rating's reviews; subsets as spec files differ more); each call
@@ -255,11 +257,12 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         corpus_seconds[task.spec.corpus] = corpus_seconds.get(task.spec.corpus, 0.0) + time.perf_counter() - t0
     cache_seconds = sum(corpus_seconds.values())
     trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, train.seed),
-               "cache": caches[loaded[t].spec.corpus]} for t in train.task for p in points]
+               "cache": caches[loaded[t].spec.corpus]} for t in train.task for p in points[t]]
     concurrent = _concurrency(opts, len(trials))
     for t in trials:
         t.update(train=train_base, concurrent_workers=concurrent * train.workers)
-    say("sweep", f"{len(trials)} trials ({len(train.task)} task(s) x {len(points)} points), {concurrent} at a time; "
+    per_task = len(points[train.task[0]])
+    say("sweep", f"{len(trials)} trials ({len(train.task)} task(s) x {per_task} points), {concurrent} at a time; "
                  f"caches at layers {layers} ready in {fmt_seconds(cache_seconds)}")
 
     scheduler = (per_task_asha(time_attr="training_iteration", max_t=train.epochs, grace_period=opts.grace_period,

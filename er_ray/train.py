@@ -24,7 +24,7 @@ import pyarrow as pa
 from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
-from .options import DEFAULT_LR, TrainOptions
+from .options import TrainOptions, default_learning_rate
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 
 
@@ -43,7 +43,7 @@ def train(opts: TrainOptions) -> list[dict[str, Any]]:
 # Planning a run (driver side, before Ray Train starts)
 
 
-def run_name(opts: TrainOptions, task: str, num_layers: int) -> str:
+def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str = "classification") -> str:
     """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0,
     task-k3-lora16-120s-s0. A learning rate other than the adapter's default, and a time budget, are in the name:
     runs that differ only in them would otherwise share a folder, and the second would replace the first."""
@@ -52,9 +52,10 @@ def run_name(opts: TrainOptions, task: str, num_layers: int) -> str:
     k = default_cut_layer(num_layers) if opts.cut_layer is None else opts.cut_layer
     kind = "finetune" if opts.full_finetune else f"k{k}-{opts.adapter}" + \
         ("" if opts.adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
-    lr = "" if opts.lr == DEFAULT_LR[opts.adapter] else f"-lr{opts.lr:g}"
+    lr = opts.lr(task_type)
+    lr_part = "" if lr == default_learning_rate(opts.adapter, task_type) else f"-lr{lr:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
-    return f"{task}-{kind}{lr}{budget}-s{opts.seed}"
+    return f"{task}-{kind}{lr_part}{budget}-s{opts.seed}"
 
 
 def layout(opts: TrainOptions, task_name: str):
@@ -119,9 +120,9 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
     spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size, "task_type": task.type,
             "num_labels": len(task.labels), "pooling": pooling_of(Path(fp["folder"])), "source": source,
             "full_finetune": opts.full_finetune}
-    name = name or run_name(opts, task.name, fp["num_layers"])
+    name = name or run_name(opts, task.name, fp["num_layers"], task.type)
     config = LoopConfig(run=name, task=task.name, model=opts.model, spec=spec, labels=task.labels,
-                        metric="span_f1" if token else "accuracy", learning_rate=opts.lr, epochs=opts.epochs,
+                        metric="span_f1" if token else "accuracy", learning_rate=opts.lr(task.type), epochs=opts.epochs,
                         patience=opts.patience, batch_size=opts.batch_size, zero_stage=opts.zero_stage,
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
@@ -267,7 +268,7 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
     todo, layouts = [], {}
     for i, (opts, task) in enumerate(runs):  # tasks, models and cut layers checked before Ray starts
         layouts[i] = layout(opts, task)
-        name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"])
+        name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"], layouts[i][0].type)
         done = storage.join(opts.output, "runs", name, "metrics.json")
         if skip_done and storage.exists(done):
             results[i] = storage.read_json(done)

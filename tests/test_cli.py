@@ -32,12 +32,14 @@ def test_train_help_states_the_default_learning_rates():
     """The defaults come from a grid over every built-in task (BENCHMARKS.md); --help must say what they are."""
     import re
 
-    from er_ray.options import DEFAULT_LR
+    from er_ray.options import DEFAULT_LR, DEFAULT_LR_TOKENS
 
     out = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines
     text = out.split("--learning-rate LEARNING_RATE")[-1][:300]
-    stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", text))
-    assert {a: float(v) for a, v in stated.items()} == DEFAULT_LR, out
+    classification, tokens = text.split("for token classification:")
+    for part, expected in ((classification, DEFAULT_LR), (tokens.split(";")[0], DEFAULT_LR_TOKENS)):
+        stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", part))
+        assert {a: float(v) for a, v in stated.items()} == expected, out
 
 
 def test_every_verbs_help_formats():

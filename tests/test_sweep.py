@@ -240,3 +240,15 @@ def test_a_placement_group_whose_creator_died_is_released_and_no_other(ray_local
     assert placement_group_table()[mine.id.hex()]["state"] == "CREATED"
     ray.util.remove_placement_group(mine)
     assert all_cpus_free(30)
+
+
+def test_the_grid_takes_each_task_types_default_learning_rate():
+    from er_ray.options import DEFAULT_LR, default_learning_rate
+    from er_ray.sweep import grid
+
+    opts = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora", "full"], adapter_size=[8])
+    for task_type in ("classification", "token_classification"):
+        assert [(p["adapter"], p["learning_rate"]) for p in grid(opts, 6, task_type)] == \
+            [("lora", default_learning_rate("lora", task_type)), ("full", DEFAULT_LR["full"])]
+    given = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora"], learning_rate=[2e-3])
+    assert {p["learning_rate"] for p in grid(given, 6, "token_classification")} == {2e-3}  # given rates win

@@ -17,7 +17,7 @@ from conftest import all_cpus_free
 
 from er_ray import predict, tasks
 from er_ray.metrics import bio_spans, f1, span_counts
-from er_ray.options import DEFAULT_LR, TrainOptions
+from er_ray.options import DEFAULT_LR, TrainOptions, default_learning_rate
 from er_ray.train import run_name, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
@@ -109,10 +109,11 @@ def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_p
     assert plain == [tb[i]["label"] for i in docs.column("id").to_pylist()]
 
 
-def test_wnut16_reports_span_f1(ray_local, out):
+def test_wnut16_reports_span_f1_and_its_default_recipe_finds_entities(ray_local, out):
     m = train(TrainOptions(task=["wnut16"], adapter="lora", adapter_size=8, output=str(out), epochs=2,
-                           batch_size=16, max_length=64, learning_rate=2e-3))[0]
+                           batch_size=16, max_length=64))[0]
     assert m["metric"] == "span_f1" and "token_accuracy" in m["test_all"]
+    assert m["learning_rate"] == default_learning_rate("lora", "token_classification") != DEFAULT_LR["lora"]
     # It finds whole entities, on dev and on test: predicting "O" everywhere (94.7% of test words) scores 0 here.
     assert m["dev"] > 0.0 and m["test"] > 0.0, (m["dev"], m["test"])
     assert m["test"] == m["test_all"]["span_f1"]
@@ -125,6 +126,11 @@ def test_runs_that_differ_in_learning_rate_get_their_own_folders():
               dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
     assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.02-s0", "trec-k3-lora8-s0",  # the default is unnamed
                      "trec-finetune-s0", "trec-finetune-lr3e-05-s0"}
+    # Token classification has its own default: unnamed there, named where it is not the default.
+    tokens = default_learning_rate("lora", "token_classification")
+    assert [run_name(TrainOptions(**base, learning_rate=lr), "wnut16", 6, "token_classification")
+            for lr in (None, tokens, DEFAULT_LR["lora"])] == \
+        ["wnut16-k3-lora16-s0", "wnut16-k3-lora16-s0", f"wnut16-k3-lora16-lr{DEFAULT_LR['lora']:g}-s0"]
 
 
 def test_span_f1_follows_seqeval():
