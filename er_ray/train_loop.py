@@ -123,11 +123,18 @@ def init_deepspeed(model, optimizer, scheduler, cfg: dict, cpu: bool):
 
 
 class StepPlan:
-    """Warm-up, then linear decay to zero at `total` steps. `total` may be changed while training (a time budget
-    fixes the epochs after the first): the decay then continues from where it is to the new end."""
+    """Warm-up, then linear decay to zero at `total` steps. The end may be moved while training (`replan`: a time
+    budget fixes the epochs after the first); the decay then continues from where it is to the new end."""
 
     def __init__(self, total: int, warmup_fraction: float = 0.06):
-        self.total, self.warmup = total, max(1, int(warmup_fraction * total))
+        self.warmup_fraction = warmup_fraction
+        self.replan(total)
+
+    def replan(self, total: int) -> None:
+        """A new end. The warm-up stays the same share of the run as now planned, not of the --epochs ceiling a
+        budgeted run starts with (a ceiling of 16 epochs would warm up for a whole epoch of a 4-epoch run); a run
+        still warming up then moves to the decay line at once."""
+        self.total, self.warmup = total, max(1, int(self.warmup_fraction * total))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -202,7 +209,7 @@ class Worker:
         return state, True
 
     def plan_epochs(self, epochs: int) -> None:
-        self.plan.total = self.steps_per_epoch * epochs
+        self.plan.replan(self.steps_per_epoch * epochs)
 
     def slowest(self, seconds: float) -> float:
         """The largest of every worker's `seconds` (workers must agree on a plan, or the collectives hang)."""

@@ -352,13 +352,21 @@ def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
                            **dict(FAST, epochs=16, max_train_examples=600), patience=None))[0]
     assert m["run"] == "trec-k3-lora16-30s-s0"
     # the first epoch takes 4-8 s here (a second or two of it Ray Data's start), so the budget, not the ceiling of
-    # 16 epochs, decides; the ceiling keeps the warm-up (6% of the ceiling's steps) inside the first epoch. (300
-    # examples and a ceiling of 8 once ran into the ceiling on a faster day.)
+    # 16 epochs, decides. (300 examples and a ceiling of 8 once ran into the ceiling on a faster day.)
     first = m["history"][0]["train_seconds"]
     assert m["planned_epochs"] == max(1, min(16, int(30 // first))) == m["epochs_run"] == len(m["history"]), m
     assert 2 <= m["planned_epochs"] < 16 and m["train_seconds"] <= 30 + first  # planned from the first epoch
     lrs = [h["learning_rate"] for h in m["history"]]
     assert lrs[-1] < 1e-9 and all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # decayed over the planned epochs
+
+
+def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
+    from er_ray.train_loop import StepPlan
+
+    plan = StepPlan(1600)  # a budgeted run starts planned for its --epochs ceiling: 16 epochs of 100 steps
+    assert plan.warmup == 96
+    plan.replan(400)  # after the first epoch, the budget fits 4
+    assert plan.warmup == 24 and plan(99) == pytest.approx((400 - 99) / (400 - 24)) and plan(399) > 0 == plan(400)
 
 
 def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(ray_local, tmp_path):
