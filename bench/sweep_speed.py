@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray.cluster import connect  # noqa: E402
 from er_ray.options import CLOTHING  # noqa: E402
-from er_ray.options import SweepOptions, build  # noqa: E402
+from er_ray.flags import build  # noqa: E402
+from er_ray.options import SweepOptions  # noqa: E402
 from er_ray.sweep import sweep  # noqa: E402
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 from . import options as o
 from .errors import ErRayError, OptionsError
-from .options import build, flags
+from .flags import build, flags
 
 # ---------------------------------------------------------------------------------------------------------------
-# options -> argparse (the flat flag list is `options.flags`)
+# options -> argparse (the flat flag list is `flags.flags`)
 
 
 def _parser_for(tp: Any) -> tuple[Callable[[str], Any] | None, dict[str, Any]]:

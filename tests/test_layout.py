@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from er_ray import cli, options
+from er_ray import cli, flags, options
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "er_ray"
@@ -92,15 +92,15 @@ def test_every_option_is_declared_once():
     declared: dict[str, list[type]] = {}
     classes = {c for v in VERBS for c in v.__mro__ if dataclasses.is_dataclass(c)}
     for c in classes:
-        held = options.held_options(c)  # a sweep's and the demo's `train`: holding options, not copying fields
+        held = flags.held_options(c)  # a sweep's and the demo's `train`: holding options, not copying fields
         for name in c.__dict__.get("__annotations__", {}):
             if name not in held:
                 declared.setdefault(name, []).append(c)
     axes = {}
     for v in VERBS:
         hints = typing.get_type_hints(v)
-        for held_name, held in options.held_options(v).items():
-            inner = {f.name: f.type for f in options.flags(held)}
+        for held_name, held in flags.held_options(v).items():
+            inner = {f.name: f.type for f in flags.flags(held)}
             for name in set(inner) & set(hints):
                 assert typing.get_origin(hints[name]) is list, f"{v.__name__}.{name} copies {held.__name__}'s"
                 assert typing.get_args(hints[name])[0] in typing.get_args(inner[name]) + (inner[name],), name
@@ -113,16 +113,16 @@ def test_every_option_is_declared_once():
 def test_a_setting_reaches_every_verb_that_trains():
     """What the old hand-copied options lost: the study passed no dtype, workers or scheduler to its sweep; the
     sweep could not set patience, precision or the ZeRO stage."""
-    study = options.build(options.StudyOptions, task=["trec"], dtype="int8", workers=2, scheduler="fifo",
-                          patience=1, precision="bf16", zero_stage=2, epochs=4)
+    study = flags.build(options.StudyOptions, task=["trec"], dtype="int8", workers=2, scheduler="fifo",
+                        patience=1, precision="bf16", zero_stage=2, epochs=4)
     t = study.sweep.train
     assert (t.dtype, t.workers, t.patience, t.precision, t.zero_stage, t.epochs) == ("int8", 2, 1, "bf16", 2, 4)
     assert study.sweep.scheduler == "fifo"
-    sweep = options.build(options.SweepOptions, task=["trec"], patience=1, precision="bf16", zero_stage=1)
+    sweep = flags.build(options.SweepOptions, task=["trec"], patience=1, precision="bf16", zero_stage=1)
     assert (sweep.train.patience, sweep.train.precision, sweep.train.zero_stage) == (1, "bf16", 1)
-    flags = {f.name for f in options.flags(options.SweepOptions)}
-    assert {"patience", "precision", "zero_stage", "dtype", "workers"} <= flags
-    assert not {"full_finetune", "from_text", "cache"} & flags  # a sweep sets these itself
+    names = {f.name for f in flags.flags(options.SweepOptions)}
+    assert {"patience", "precision", "zero_stage", "dtype", "workers"} <= names
+    assert not {"full_finetune", "from_text", "cache"} & names  # a sweep sets these itself
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -15,7 +15,8 @@ import pytest
 from conftest import all_cpus_free
 
 from er_ray.study import _fmt, choose, summarise
-from er_ray.options import SweepOptions, build
+from er_ray.flags import build
+from er_ray.options import SweepOptions
 from er_ray.sweep import pareto_front, sweep
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
