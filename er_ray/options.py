@@ -49,7 +49,7 @@ DEFAULT_LR = {"lora": 3e-3, "bottleneck": 1e-3, "full": 1e-4}
 DEFAULT_LR_TOKENS = {"lora": 1e-3}
 
 
-def default_learning_rate(adapter: str, task_type: str = "classification") -> float:
+def default_learning_rate(adapter: str, task_type: str) -> float:
     """The peak learning rate of an adapter kind (and task type) when none is given."""
     if task_type == "token_classification":
         return DEFAULT_LR_TOKENS.get(adapter, DEFAULT_LR[adapter])
@@ -128,8 +128,8 @@ class VariantOptions:
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise OptionsError(f"--learning-rate must be above 0, got {self.learning_rate}")
 
-    def lr(self, task_type: str = "classification") -> float:
-        """The learning rate this run uses on a task of this type."""
+    def lr(self, task_type: str) -> float:
+        """The learning rate this run uses on a task of this type (required: each type has its own default)."""
         return self.learning_rate or default_learning_rate(self.adapter, task_type)
 
 

@@ -32,7 +32,7 @@ def default_cut_layers(num_layers: int) -> list[int]:
     return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
 
 
-def grid(opts: SweepOptions, num_layers: int, task_type: str = "classification") -> list[dict[str, Any]]:
+def grid(opts: SweepOptions, num_layers: int, task_type: str) -> list[dict[str, Any]]:
     """Every trial's point on a task of this type: (cut layer, adapter, size, learning rate), without duplicates
     (full has no size). Without --learning-rate, each adapter kind's default for the task type."""
     from .encoders import check_cut_layer

@@ -43,7 +43,7 @@ def train(opts: TrainOptions) -> list[dict[str, Any]]:
 # Planning a run (driver side, before Ray Train starts)
 
 
-def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str = "classification") -> str:
+def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> str:
     """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0,
     task-k3-lora16-120s-s0. A learning rate other than the adapter's default, and a time budget, are in the name:
     runs that differ only in them would otherwise share a folder, and the second would replace the first."""
@@ -126,7 +126,8 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         patience=opts.patience, batch_size=opts.batch_size, zero_stage=opts.zero_stage,
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
-                        hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds)
+                        hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
+                        max_train_examples=opts.max_train_examples)
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
 
 
@@ -257,6 +258,30 @@ def publish_run(checkpoint, out: str) -> dict[str, Any] | None:
     return metrics
 
 
+def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any] | None:
+    """The metrics of run `name` if it finished with these options' settings, else None. The name does not say
+    everything (a default learning rate, the epochs, the examples are not in it; the token-classification default
+    changed once), so a resumed study compares the settings its metrics.json records before reusing a run."""
+    done = storage.join(opts.output, "runs", name, "metrics.json")
+    if not storage.exists(done):
+        return None
+    metrics = storage.read_json(done)
+    want = {"model": opts.model, "learning_rate": opts.lr(task_type), "epochs": opts.epochs,
+            "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
+            "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
+            "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples}
+    if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
+        del want["precision"]
+    have = metrics.get("settings")
+    if have is None:
+        say("train", f"{name}: its finished run records no settings (an older er_ray made it): training it again")
+        return None
+    if changed := [f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v]:
+        say("train", f"{name}: its finished run had other settings ({', '.join(changed)}): training it again")
+        return None
+    return metrics
+
+
 def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concurrent: int | None = None,
             skip_done: bool = False) -> list[dict[str, Any]]:
     """Fit several (options, task) runs concurrently (at most `max_concurrent` at once; default all), sharing the
@@ -269,9 +294,9 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
     for i, (opts, task) in enumerate(runs):  # tasks, models and cut layers checked before Ray starts
         layouts[i] = layout(opts, task)
         name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"], layouts[i][0].type)
-        done = storage.join(opts.output, "runs", name, "metrics.json")
-        if skip_done and storage.exists(done):
-            results[i] = storage.read_json(done)
+        finished = finished_run(opts, name, layouts[i][0].type) if skip_done else None
+        if finished is not None:
+            results[i] = finished
         else:
             todo.append(i)
     connect()

@@ -52,6 +52,7 @@ class LoopConfig:
     hidden: int
     cache_dtype: str | None
     budget_seconds: float | None = None
+    max_train_examples: int | None = None
     """seconds of training to spend: after the first epoch, the epochs that fit are planned (at most `epochs`)"""
     threads: int | None = None
 
@@ -320,6 +321,7 @@ class Worker:
                    "batch_size": cfg.batch_size, "workers": cfg.workers, "precision": cfg.precision,
                    "zero_stage": cfg.zero_stage, "seed": cfg.seed, "budget_seconds": cfg.budget_seconds,
                    "planned_epochs": state.planned_epochs or cfg.epochs, "history": history,
+                   "settings": cfg.settings(),  # what a resumed study compares before reusing this run
                    "started_at": self.started_at, "finished_at": time.time(),
                    "deepspeed": {"world_size": self.world, "global_steps": self.engine.global_steps,
                                  "zero_stage": self.engine.zero_optimization_stage(),

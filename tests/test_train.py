@@ -1,5 +1,6 @@
 """Task models from the cache: real Ray Train + DeepSpeed, the real MiniLM, real tasks."""
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from conftest import all_cpus_free
 from er_ray import predict, tasks
 from er_ray.metrics import bio_spans, f1, span_counts
 from er_ray.options import DEFAULT_LR, TrainOptions, default_learning_rate
-from er_ray.train import run_name, train
+from er_ray.train import finished_run, run_name, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 FAST = dict(epochs=2, batch_size=32, max_length=64, max_train_examples=1200)
@@ -72,6 +73,20 @@ def test_recycled_bottleneck_and_full_learn_trec(ray_local, out, adapter, size):
         assert m["trainable_parameters"] > 5_000_000  # three whole transformer layers of MiniLM
 
 
+def test_a_finished_run_is_reused_only_under_its_own_settings(trec_lora, out, capsys):
+    """A resumed study reads finished runs instead of training them again, but a run name does not say everything:
+    a wnut16 run trained at the old token default (3e-3) had the new default's (1e-3) name."""
+    opts = TrainOptions(task=["trec"], adapter="lora", adapter_size=8, output=str(out), **FAST)
+    name = "trec-k3-lora8-s0"
+    assert finished_run(opts, name, "classification") == trec_lora
+    for changed, said in ((dict(learning_rate=1e-3), "learning_rate 0.003 -> 0.001"),
+                          (dict(epochs=3), "epochs 2 -> 3"), (dict(max_train_examples=600), "1200 -> 600"),
+                          (dict(precision="bf16"), "precision fp32 -> bf16")):  # "auto" is what it resolved to
+        assert finished_run(dataclasses.replace(opts, **changed), name, "classification") is None
+        assert said in capsys.readouterr().err
+    assert finished_run(opts, "trec-k3-lora8-s9", "classification") is None  # never trained
+
+
 def test_cache_and_text_predictions_agree_and_peft_reloads(trec_lora, out, tmp_path):
     run = out / "runs" / "trec-k3-lora8-s0"
     cache_dir = trec_cache(out)
@@ -121,7 +136,7 @@ def test_wnut16_reports_span_f1_and_its_default_recipe_finds_entities(ray_local,
 
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
     base = dict(task=["trec"], cut_layer=3, output="unused")
-    names = {run_name(TrainOptions(**base, **o), "trec", num_layers=6) for o in
+    names = {run_name(TrainOptions(**base, **o), "trec", 6, "classification") for o in
              (dict(), dict(learning_rate=DEFAULT_LR["lora"]), dict(learning_rate=2e-2), dict(adapter_size=8),
               dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
     assert names == {"trec-k3-lora16-s0", "trec-k3-lora16-lr0.02-s0", "trec-k3-lora8-s0",  # the default is unnamed
