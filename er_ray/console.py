@@ -59,6 +59,31 @@ def quiet_ray() -> None:
         if name == "ray":
             logger.setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    _drop_benign_raylet_messages()
+
+
+# What raylets publish to the driver is printed by a thread of Ray's (`listen_error_messages`) as "(raylet) ...",
+# whatever log_to_driver says. One message is benign here and frequent: on a small machine every Ray Data and Ray
+# Train actor with a fractional CPU counts against "the maximum expected startup concurrency" (the number of CPUs),
+# and `make demo` printed "(raylet) WARNING: 32 PYTHON worker processes have been started ..." eight times. The
+# raylet's own log (raylet.out) and the dashboard keep it; every other raylet message still reaches the console.
+BENIGN_RAYLET = (re.compile(r"worker processes have been started on node"),)
+
+
+def _drop_benign_raylet_messages() -> None:
+    from ray._private import worker  # the listener looks the printer up by name at each message
+
+    show = worker.print_to_stdstream
+    if getattr(show, "er_ray_filter", False):
+        return
+
+    def printer(data, ignore_prefix):
+        lines = [ln for ln in data.get("lines", []) if not any(p.search(ln) for p in BENIGN_RAYLET)]
+        if lines:
+            show({**data, "lines": lines}, ignore_prefix)
+
+    printer.er_ray_filter = True
+    worker.print_to_stdstream = printer
 
 
 def _drop_known_lines(record) -> bool:

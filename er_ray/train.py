@@ -33,10 +33,16 @@ class TrainError(ErRayError):
 
 
 def train(opts: TrainOptions) -> list[dict[str, Any]]:
-    """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table."""
+    """Train one task model per task, all at once, each a Ray Train + DeepSpeed run; writes a results table and
+    prints it (the demo and the study print their own tables over run_all's results)."""
+    from .report import format_table
+
     opts.require_task()
     storage.writable_folder(opts.output)
-    return run_all([(dataclasses.replace(opts, task=[t]), t) for t in opts.task], opts.output)
+    rows = run_all([(dataclasses.replace(opts, task=[t]), t) for t in opts.task], opts.output)
+    print(format_table(rows, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
+                              "seconds_per_epoch", "trainable_parameters"]))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,5 +352,3 @@ def write_results(rows: list[dict[str, Any]], output: str | Path) -> None:
     storage.write_parquet(results, pa.Table.from_pylist(table))
     storage.write_bytes(storage.join(output, "results.md"),
                         (format_table(table, RESULT_COLUMNS, markdown=True) + "\n").encode())
-    print(format_table(rows, ["task", "metric", "dev", "test", "cut_layer", "adapter", "adapter_size",
-                              "seconds_per_epoch", "trainable_parameters"]))

@@ -78,6 +78,7 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
     line = next(ln for ln in res.stdout.splitlines() if "recycled k=3 lora 16" in ln)
     assert line.split()[0] == "trec" and re.search(r" \d+\.\d\dx ", line), line  # the speed-up column
     assert any("full fine-tuning" in ln for ln in res.stdout.splitlines())
+    assert sum(ln.startswith("task ") for ln in res.stdout.splitlines()) == 1  # the demo's table, not run_all's too
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "trec-finetune-s0" / "metrics.json").exists()
     assert (out / "runs" / "trec-k3-lora16-s0" / "metrics.json").exists()
@@ -88,8 +89,36 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
     assert re.search(r"\[er_ray train\] trec-k3-lora16-s0: epoch 1/1, loss \d\.\d{4}, dev accuracy 0\.\d{4}", console)
     assert re.search(r"\[er_ray train\] trec-finetune-s0: dev accuracy 0\.\d{4}, test 0\.\d{4}", console)
     noise = [ln for ln in console.splitlines() if re.search(r"\bINFO\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+|"
-                                                               r"\x1b\[|Traceback|core_worker\.cc", ln)]
+                                                               r"\x1b\[|Traceback|core_worker\.cc|^\(raylet\)", ln)]
     assert noise == [], noise
+
+
+RAYLET = """
+import sys, time
+import ray
+from ray._private.utils import publish_error_to_driver
+from er_ray import console
+from er_ray.cluster import connect
+console.configure(verbose=sys.argv[1] == "verbose")
+connect(num_cpus=1, dashboard=False)
+gcs = ray._private.worker.global_worker.gcs_client
+publish_error_to_driver("worker_pool_large", "WARNING: 32 PYTHON worker processes have been started on node: x "
+                        "with address: y, which is 16x the maximum expected startup concurrency (2).", gcs)
+publish_error_to_driver("other", "a raylet message a user must see", gcs)
+time.sleep(3)
+ray.shutdown()
+"""
+
+
+def test_the_raylets_worker_count_warning_stays_off_the_console_unless_verbose():
+    """`make demo` printed "(raylet) WARNING: N PYTHON worker processes have been started ..." eight times: Ray's
+    driver prints every message a raylet publishes. Published here through Ray's own channel, beside another
+    message that must still come through."""
+    for mode in ("quiet", "verbose"):
+        out = subprocess.run([sys.executable, "-c", RAYLET, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "a raylet message a user must see" in out.stdout, (mode, out.stdout)
+        assert ("worker processes have been started" in out.stdout) == (mode == "verbose"), (mode, out.stdout)
 
 
 def test_bad_options_are_errors_not_tracebacks():
