@@ -1,0 +1,144 @@
+"""Extractive question answering (SQuAD v1.1): windows over long contexts, the best span across a question's
+windows, and the official scores (exact match and F1).
+
+A question + context pair longer than `max_length` tokens becomes several windows that overlap by `stride` tokens
+(the fast tokenizer's overflow, the standard SQuAD preprocessing); each window keeps, per token, the character span
+it covers in the context (None for the question's tokens and special tokens), so a span of tokens maps back to
+the context's text. A window is trained on the answer's tokens when it holds the whole answer, else on its first
+token (the [CLS] position: "no answer here"). Decoding takes the n best starts and ends of every window, keeps the
+pairs that are a context span of at most `max_answer_tokens`, and answers with the best-scoring one of all windows.
+
+The scores are those of the official evaluation script (evaluate-v1.1.py): answers are compared after lower-casing,
+removing punctuation, the articles a/an/the and extra whitespace; each question takes its best over its reference
+answers; the totals are percentages.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_LENGTH = 384  # the SQuAD defaults of BERT's reference code and of transformers' examples
+STRIDE = 128
+MAX_ANSWER_TOKENS = 30
+N_BEST = 20
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official SQuAD v1.1 scores
+
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, no punctuation, no articles (a, an, the), single spaces: evaluate-v1.1.py's normalisation."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    return max(float(normalize_answer(prediction) == normalize_answer(r)) for r in references)
+
+
+def _f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:  # v1.1 has no special case for empty answers: an empty prediction scores 0
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, references: Sequence[str]) -> float:
+    return max(_f1(prediction, r) for r in references)
+
+
+def squad_scores(predictions: dict[str, str], references: dict[str, Sequence[str]]) -> dict[str, float]:
+    """exact_match and f1 in percent over the questions of `references` (a question without a prediction scores
+    0, as in the official script)."""
+    if not references:
+        raise ValueError("no questions to score")
+    em = f1 = 0.0
+    for qid, refs in references.items():
+        if qid in predictions:
+            em += exact_match(predictions[qid], refs)
+            f1 += f1_score(predictions[qid], refs)
+    n = len(references)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n, "questions": n}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Windows
+
+
+@dataclass
+class Window:
+    question: int
+    """index of the question (row) this window belongs to"""
+    index: int
+    """its position among the question's windows"""
+    input_ids: list[int]
+    offsets: list[tuple[int, int] | None]
+    """per token, the (start, end) characters of the context it covers; None outside the context"""
+    start: int = 0
+    end: int = 0
+    """the answer's first and last token (training), 0 and 0 when the window does not hold the whole answer"""
+
+
+def windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], answer_starts: Sequence[int] | None = None,
+            answer_texts: Sequence[str] | None = None, max_length: int = MAX_LENGTH,
+            stride: int = STRIDE) -> list[Window]:
+    """The windows of question + context pairs (a fast tokenizer: it gives offsets), with their answer tokens
+    when answers are given."""
+    enc = tokenizer(list(questions), list(contexts), truncation="only_second", max_length=max_length, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+    out, seen = [], Counter()
+    for w in range(len(enc["input_ids"])):
+        q = enc["overflow_to_sample_mapping"][w]
+        sequence = enc.sequence_ids(w)
+        offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], sequence)]
+        win = Window(q, seen[q], enc["input_ids"][w], offsets)
+        seen[q] += 1
+        if answer_starts is not None:
+            win.start, win.end = answer_tokens(offsets, answer_starts[q], answer_starts[q] + len(answer_texts[q]))
+        out.append(win)
+    return out
+
+
+def answer_tokens(offsets: Sequence[tuple[int, int] | None], start_char: int, end_char: int) -> tuple[int, int]:
+    """The first and last token of the characters [start_char, end_char) in a window, or (0, 0) when the window
+    does not cover them all."""
+    inside = [i for i, o in enumerate(offsets) if o is not None]
+    if not inside or offsets[inside[0]][0] > start_char or offsets[inside[-1]][1] < end_char:
+        return 0, 0
+    first = next(i for i in inside if offsets[i][1] > start_char)
+    last = next(i for i in reversed(inside) if offsets[i][0] < end_char)
+    return first, last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def best_span(start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],
+              offsets: Sequence[Sequence[tuple[int, int] | None]], context: str, n_best: int = N_BEST,
+              max_answer_tokens: int = MAX_ANSWER_TOKENS) -> tuple[str, float]:
+    """The answer to one question from its windows' start and end logits: the best-scoring (start + end) span of
+    context tokens, start <= end, at most `max_answer_tokens` long, over all windows; ("", -inf) if none."""
+    best, score = (0, 0), -np.inf
+    for s_log, e_log, offs in zip(start_logits, end_logits, offsets):
+        s_log, e_log = np.asarray(s_log), np.asarray(e_log)
+        for s in np.argsort(s_log)[::-1][:n_best]:
+            if offs[s] is None:
+                continue
+            for e in np.argsort(e_log)[::-1][:n_best]:
+                if offs[e] is None or e < s or e - s + 1 > max_answer_tokens:
+                    continue
+                if s_log[s] + e_log[e] > score:
+                    score, best = float(s_log[s] + e_log[e]), (offs[s][0], offs[e][1])
+    return (context[best[0]:best[1]], score) if score > -np.inf else ("", score)

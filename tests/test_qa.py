@@ -1,0 +1,96 @@
+"""Extractive QA's pure parts against hand-worked examples: the official SQuAD v1.1 scores, windows over a long
+context with the real MiniLM tokenizer, and span decoding across windows. No Ray, no model weights."""
+
+import math
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from er_ray.pretrained import PACKAGED_MODELS
+from er_ray.qa import (answer_tokens, best_span, exact_match, f1_score, normalize_answer, squad_scores,
+                       windows)
+
+
+def test_normalisation_is_the_official_scripts():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("An apple, a day.") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert normalize_answer("Nov. 5, 1605") == "nov 5 1605"
+
+
+def test_exact_match_and_f1_take_the_best_reference():
+    assert exact_match("the Eiffel tower", ["Eiffel Tower", "Paris"]) == 1.0
+    assert exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
+    # "in city of paris" vs "paris france": 1 shared token, precision 1/4, recall 1/2 -> F1 1/3;
+    # vs "city of paris": 3 shared, precision 3/4, recall 1 -> F1 6/7
+    assert f1_score("in the city of Paris", ["Paris, France"]) == pytest.approx(1 / 3)
+    assert f1_score("in the city of Paris", ["Paris, France", "the city of Paris"]) == pytest.approx(6 / 7)
+    assert f1_score("", ["Paris"]) == 0.0 and f1_score("a", ["the"]) == 0.0  # v1.1: nothing left scores 0
+    assert f1_score("Paris Paris", ["Paris"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # counts, not sets
+
+
+def test_totals_are_percentages_and_a_missing_answer_scores_zero():
+    refs = {"q1": ["Denver Broncos"], "q2": ["Santa Clara, California", "Levi's Stadium"], "q3": ["gold"]}
+    preds = {"q1": "the Denver Broncos", "q2": "Levi's Stadium in Santa Clara"}
+    s = squad_scores(preds, refs)
+    # q1 exact; q2: vs "levis stadium": precision 2/5, recall 1 -> 4/7 (vs "santa clara california": 2/5, 2/3 -> 1/2)
+    assert s["exact_match"] == pytest.approx(100 / 3)
+    assert s["f1"] == pytest.approx(100 * (1 + 4 / 7 + 0) / 3)
+    assert s["questions"] == 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(PACKAGED_MODELS["minilm"].folder(), local_files_only=True)
+
+
+def test_a_long_context_becomes_overlapping_windows_that_map_back_to_its_text(tokenizer):
+    words = [f"word{i}" for i in range(120)]
+    answer = "the golden gate bridge"
+    context = " ".join(words[:100]) + f" {answer} " + " ".join(words[100:])
+    start = context.index(answer)
+    wins = windows(tokenizer, ["What is it?", "Short?"], [context, "A short context."], [start, 2],
+                   [answer, "short"], max_length=64, stride=16)
+    first = [w for w in wins if w.question == 0]
+    assert len(first) > 3 and [w.index for w in first] == list(range(len(first)))
+    assert all(len(w.input_ids) <= 64 for w in wins)
+    holding = [w for w in first if w.start]
+    assert holding, "some window holds the answer"
+    for w in holding:  # the answer's tokens map back to exactly its characters
+        assert context[w.offsets[w.start][0]:w.offsets[w.end][1]] == answer
+    for w in first:  # consecutive windows overlap by about `stride` tokens of context
+        assert w.offsets[0] is None and w.input_ids[0] == tokenizer.cls_token_id
+    spans = [[o for o in w.offsets if o is not None] for w in first]
+    for a, b in zip(spans, spans[1:]):
+        assert b[0][0] < a[-1][1], "windows overlap"
+    (short,) = [w for w in wins if w.question == 1]
+    assert "A short context."[short.offsets[short.start][0]:short.offsets[short.end][1]] == "short"
+
+
+def test_an_answer_a_window_cuts_is_not_its_answer():
+    offsets = [None, None, (0, 5), (6, 11), (12, 17), None]
+    assert answer_tokens(offsets, 6, 17) == (3, 4)
+    assert answer_tokens(offsets, 7, 9) == (3, 3)  # inside one token
+    assert answer_tokens(offsets, 12, 25) == (0, 0)  # runs past the window's context
+    assert answer_tokens([None, None], 0, 3) == (0, 0)
+
+
+def test_the_best_span_over_windows_respects_order_length_and_context():
+    context = "alpha beta gamma delta"
+    offs_a = [None, (0, 5), (6, 10), (11, 16), None]
+    offs_b = [None, (11, 16), (17, 22), None]
+    # window a: the best start is the [CLS] position (not context), then "beta"; window b's "gamma delta" beats all
+    a_s, a_e = np.array([9.0, 1.0, 3.0, 0.0, 0.0]), np.array([9.0, 0.0, 2.0, 1.0, 0.0])
+    b_s, b_e = np.array([0.0, 4.0, 0.0, 0.0]), np.array([0.0, 0.0, 3.5, 0.0])
+    assert best_span([a_s, b_s], [a_e, b_e], [offs_a, offs_b], context) == ("gamma delta", 7.5)
+    assert best_span([a_s], [a_e], [offs_a], context) == ("beta", 5.0)
+    # an end before the start is never taken: "delta" as the only good end and "alpha" after it as the start
+    s, e = np.array([0.0, 0.0, 0.0, 5.0, 0.0]), np.array([0.0, 5.0, 0.0, 0.0, 0.0])
+    assert best_span([s], [e], [offs_a], context) == ("gamma", 5.0)
+    # the length limit: "alpha beta gamma" (3 tokens) is refused at 2, so the best 2-token span wins
+    s, e = np.array([0.0, 5.0, 0.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0, 5.0, 0.0])
+    assert best_span([s], [e], [offs_a], context, max_answer_tokens=2) == ("alpha beta", 6.0)
+    assert best_span([s], [e], [offs_a], context, max_answer_tokens=3) == ("alpha beta gamma", 10.0)
+    text, score = best_span([np.zeros(2)], [np.zeros(2)], [[None, None]], context)
+    assert text == "" and math.isinf(score)
