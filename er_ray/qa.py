@@ -15,6 +15,7 @@ answers; the totals are percentages.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
@@ -27,6 +28,52 @@ MAX_LENGTH = 384  # the SQuAD defaults of BERT's reference code and of transform
 STRIDE = 128
 MAX_ANSWER_TOKENS = 30
 N_BEST = 20
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQuAD files
+
+
+class QAError(ValueError):
+    """A question-answering file is unusable; the message names the file, the row (1 = its first question, in file
+    order) and the field."""
+
+
+def squad_rows(raw: bytes, path: str) -> dict[str, list]:
+    """A SQuAD v1.1 JSON file -> one row per question: id, title (its article), question, context, answer_text and
+    answer_start (the first reference answer: what training uses), answers (every reference text: what scoring
+    uses)."""
+    cols: dict[str, list] = {k: [] for k in ("id", "title", "question", "context", "answer_text", "answer_start",
+                                              "answers")}
+    row = 0
+    for article in json.loads(raw)["data"]:
+        for paragraph in article["paragraphs"]:
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                row += 1
+                if not str(qa.get("question", "")).strip():
+                    raise QAError(f"{path}, row {row}, field 'question': empty question (id {qa.get('id')!r})")
+                if not qa.get("answers"):
+                    raise QAError(f"{path}, row {row}, field 'answers': no answer (id {qa['id']!r})")
+                for a in qa["answers"]:
+                    start, text = a["answer_start"], a["text"]
+                    if context[start:start + len(text)] != text:
+                        raise QAError(f"{path}, row {row}, field 'answer_start': answer {text!r} is not at "
+                                      f"character {start} of its context (id {qa['id']!r})")
+                first = qa["answers"][0]
+                for k, v in (("id", qa["id"]), ("title", article["title"]), ("question", qa["question"]),
+                             ("context", context), ("answer_text", first["text"]),
+                             ("answer_start", first["answer_start"]), ("answers", [a["text"] for a in qa["answers"]])):
+                    cols[k].append(v)
+    return cols
+
+
+def split_by_article(titles: Sequence[str], seed: int = 0) -> list[str]:
+    """dev or test per row, half the articles each (seeded): no context is shared between the two."""
+    articles = sorted(set(titles))
+    order = np.random.default_rng(seed).permutation(len(articles))
+    dev = {articles[i] for i in order[: len(articles) // 2]}
+    return ["dev" if t in dev else "test" for t in titles]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The official SQuAD v1.1 scores

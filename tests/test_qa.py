@@ -1,6 +1,7 @@
 """Extractive QA's pure parts against hand-worked examples: the official SQuAD v1.1 scores, windows over a long
 context with the real MiniLM tokenizer, and span decoding across windows. No Ray, no model weights."""
 
+import json
 import math
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from er_ray.pretrained import PACKAGED_MODELS
-from er_ray.qa import (answer_tokens, best_span, exact_match, f1_score, normalize_answer, squad_scores,
-                       windows)
+from er_ray.qa import (QAError, answer_tokens, best_span, exact_match, f1_score, normalize_answer, split_by_article,
+                       squad_rows, squad_scores, windows)
 
 
 def test_normalisation_is_the_official_scripts():
@@ -94,3 +95,33 @@ def test_the_best_span_over_windows_respects_order_length_and_context():
     assert best_span([s], [e], [offs_a], context, max_answer_tokens=3) == ("alpha beta gamma", 10.0)
     text, score = best_span([np.zeros(2)], [np.zeros(2)], [[None, None]], context)
     assert text == "" and math.isinf(score)
+
+
+def _squad(answer_start=16, question="Where is it?"):
+    return json.dumps({"version": "1.1", "data": [
+        {"title": "Tower", "paragraphs": [{"context": "The tower is in Paris, by the river.", "qas": [
+            {"id": "q1", "question": question, "answers": [{"text": "Paris", "answer_start": answer_start},
+                                                            {"text": "in Paris", "answer_start": 13}]},
+            {"id": "q2", "question": "What is it by?", "answers": [{"text": "the river", "answer_start": 26}]}]}]},
+        {"title": "Bridge", "paragraphs": [{"context": "A bridge.", "qas": [
+            {"id": "q3", "question": "What?", "answers": [{"text": "bridge", "answer_start": 2}]}]}]}]}).encode()
+
+
+def test_squad_files_give_a_row_per_question_and_name_a_bad_row():
+    rows = squad_rows(_squad(), "dev.json")
+    assert rows["id"] == ["q1", "q2", "q3"] and rows["title"] == ["Tower", "Tower", "Bridge"]
+    assert rows["answer_text"][0] == "Paris" and rows["answers"][0] == ["Paris", "in Paris"]
+    assert rows["context"][1][rows["answer_start"][1]:].startswith("the river")
+    with pytest.raises(QAError, match=r"dev.json, row 1, field 'answer_start': answer 'Paris' is not at character 3"):
+        squad_rows(_squad(answer_start=3), "dev.json")
+    with pytest.raises(QAError, match=r"dev.json, row 1, field 'question': empty question"):
+        squad_rows(_squad(question=" "), "dev.json")
+
+
+def test_dev_and_test_are_split_by_article_the_same_way_every_time():
+    titles = [f"article{i % 10}" for i in range(200)]
+    split = split_by_article(titles, seed=0)
+    assert split == split_by_article(titles, seed=0) and split != split_by_article(titles, seed=1)
+    by_article = {t: {s for tt, s in zip(titles, split) if tt == t} for t in set(titles)}
+    assert all(len(s) == 1 for s in by_article.values())  # no article (no context) on both sides
+    assert sorted(s for (s,) in by_article.values()).count("dev") == 5
