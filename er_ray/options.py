@@ -376,15 +376,22 @@ class CacheOptions(EncodingOptions, CorpusOptions, PoolOptions):
 class PredictOptions(CorpusOptions, PoolOptions):
     """er-ray predict: label documents with a trained run."""
 
-    run: str = ""
-    """a trained run's directory (holding model/task.json), as `er-ray train` prints it: a path or a URI"""
+    run: list[str] = field(default_factory=list)
+    """trained runs' directories (holding model/task.json), as `er-ray train` prints them: paths or URIs. Several
+    runs over one model and cut layer share one pass: the cache is read (or the lower layers run) once for all"""
     output: str = ""
-    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word): a path or a URI"""
+    """directory for the predictions (Parquet: id, label, score; token tasks: tags per word): a path or a URI;
+    with several runs, one folder per run (OUTPUT/<run name>/predictions.parquet)"""
     cache: str | None = None
     """read layer-k states from this cache instead of running the lower layers on raw text"""
 
     def __post_init__(self):
         for base in (CorpusOptions, PoolOptions):
             base.__post_init__(self)
+        self.run = _listed(self.run)
         if not self.run or not self.output:
             raise OptionsError("--run and --output are required")
+        names = [r.rstrip("/").rsplit("/", 1)[-1] for r in self.run]
+        if len(self.run) > 1 and (twice := sorted({n for n in names if names.count(n) > 1})):
+            raise OptionsError(f"--run: two runs named {twice[0]!r}; their predictions would share "
+                               f"OUTPUT/{twice[0]}/ (predict them separately)")

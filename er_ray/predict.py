@@ -55,87 +55,133 @@ def load_task_model(run: str | Path, source: str = "cache", merge: bool = True):
 
 
 class Predictor:
-    """Ray Data actor: labels for a batch of cache rows or texts."""
+    """Ray Data actor: labels for a batch of cache rows or texts from one or several task models that share their
+    model and cut layer: the cache's rows are decoded (or the frozen lower layers run on the texts) once, then each
+    model runs its own upper layers. Columns: id, then per run i: label_i, score_i (tags_i, scores_i)."""
 
-    def __init__(self, run: str, source: str, batch_size: int, threads: int | None = None,
+    def __init__(self, runs: list[str], source: str, batch_size: int, threads: int | None = None,
                  cache_dtype: str | None = None):
         import torch
 
+        from .encoders import LowerEncoder
+
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.info, self.enc = load_task_model(run, source)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(self.device)
-        self.source, self.batch_size = source, batch_size
-        self.labels = self.info["labels"]
+        # A fully fine-tuned run trained its embeddings too: it runs from text alone, whole (a group of one).
+        whole = source == "text" and len(runs) == 1 and _run_info(runs[0])["spec"]["full_finetune"]
+        self.models = [load_task_model(r, "text" if whole else "cache") for r in runs]
+        for m, _, _ in self.models:
+            m.to(self.device)
+        self.info, self.enc = self.models[0][1], self.models[0][2]
+        # Recycled runs froze layers 1..k: the first model's pretrained lower layers serve every model.
+        self.lower = None if whole or source == "cache" else \
+            LowerEncoder(self.enc.model, self.info["spec"]["cut_layer"]).to(self.device).eval()
+        self.source, self.batch_size, self.cache_dtype = source, batch_size, cache_dtype
         self.token = self.info["spec"]["task_type"] == "token_classification"
-        self.cache_dtype = cache_dtype
+
+    def _inputs(self, batch: pa.Table):
+        """Per row: layer-k states (cache) or token ids (text); word ids per token for token tasks."""
+        from .codec import decode_rows
+
+        if self.source == "cache":
+            rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
+            return rows, batch.column("word_ids").to_pylist() if self.token else None, 0.0
+        enc = self.enc.tokenizer(batch.column("text").to_pylist(), truncation=True,
+                                 max_length=self.info["max_length"], is_split_into_words=self.token)
+        rows = [np.asarray(x, np.int64) for x in enc["input_ids"]]
+        wids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(batch.num_rows)] \
+            if self.token else None
+        return rows, wids, self.enc.tokenizer.pad_token_id or 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from .batching import length_batches, pad_rows
-        from .codec import decode_rows
 
         n = batch.num_rows
-        if self.source == "cache":
-            rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
-            wids = batch.column("word_ids").to_pylist() if self.token else None
-            pad = 0.0
-        else:
-            enc = self.enc.tokenizer(batch.column("text").to_pylist(), truncation=True,
-                                     max_length=self.info["max_length"], is_split_into_words=self.token)
-            rows = [np.asarray(x, np.int64) for x in enc["input_ids"]]
-            wids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(n)] if self.token else None
-            pad = self.enc.tokenizer.pad_token_id or 0
-        labels: list[Any] = [None] * n
-        scores: list[Any] = [None] * n
+        rows, wids, pad = self._inputs(batch)
+        labels: list[list[Any]] = [[None] * n for _ in self.models]
+        scores: list[list[Any]] = [[None] * n for _ in self.models]
         with torch.inference_mode():
             for g in length_batches([len(r) for r in rows], self.batch_size):
                 x, mask = pad_rows([rows[i] for i in g], pad)
-                probs = torch.softmax(self.model(torch.from_numpy(x).to(self.device),
-                                                 torch.from_numpy(mask).to(self.device)).float(), -1).cpu()
-                p, y = probs.max(-1)
-                for j, i in enumerate(g):
-                    if not self.token:
-                        labels[i], scores[i] = self.labels[int(y[j])], float(p[j])
-                        continue
-                    tags, conf, seen = [], [], set()
-                    for t, w in enumerate(wids[i]):  # first subword of each word carries the word's tag
-                        if w >= 0 and w not in seen:
-                            seen.add(w)
-                            tags.append(self.labels[int(y[j, t])])
-                            conf.append(float(p[j, t]))
-                    labels[i], scores[i] = tags, conf
+                x, mask = torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device)
+                h = self.lower(x, mask) if self.lower is not None else x
+                for r, (model, info, _) in enumerate(self.models):
+                    p, y = torch.softmax(model(h, mask).float(), -1).cpu().max(-1)
+                    for j, i in enumerate(g):
+                        labels[r][i], scores[r][i] = self._row(info["labels"], p[j], y[j], wids[i] if wids else None)
         out = {"id": batch.column("id")}
-        if self.token:
-            out["tags"] = pa.array(labels, pa.list_(pa.string()))
-            out["scores"] = pa.array(scores, pa.list_(pa.float32()))
-        else:
-            out["label"] = pa.array(labels, pa.string())
-            out["score"] = pa.array(scores, pa.float32())
+        for r in range(len(self.models)):
+            if self.token:
+                out[f"tags_{r}"] = pa.array(labels[r], pa.list_(pa.string()))
+                out[f"scores_{r}"] = pa.array(scores[r], pa.list_(pa.float32()))
+            else:
+                out[f"label_{r}"] = pa.array(labels[r], pa.string())
+                out[f"score_{r}"] = pa.array(scores[r], pa.float32())
         return pa.table(out)
+
+    def _row(self, names: list[str], p, y, wids):
+        if wids is None:
+            return names[int(y)], float(p)
+        tags, conf, seen = [], [], set()
+        for t, w in enumerate(wids):  # first subword of each word carries the word's tag
+            if w >= 0 and w not in seen:
+                seen.add(w)
+                tags.append(names[int(y[t])])
+                conf.append(float(p[t]))
+        return tags, conf
+
+
+def _run_info(run: str) -> dict[str, Any]:
+    path = storage.join(run, "model", "task.json")
+    if not storage.exists(path):
+        raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
+    return storage.read_json(path)
+
+
+def _one_pass_groups(infos: list[dict[str, Any]]) -> list[list[int]]:
+    """Runs that can share one pass: same weights, cut layer, max length and task type; a fully fine-tuned run
+    (its lower layers trained too) alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, info in enumerate(infos):
+        s = info["spec"]
+        key = ("whole", i) if s["full_finetune"] else \
+            (info["weights_sha256"], s["cut_layer"], info["max_length"], s["task_type"])
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def predict(opts: PredictOptions) -> Path | str:
-    """Label every document of a corpus with a trained task model; writes OUTPUT/predictions.parquet (an earlier
-    one there is replaced only once the new one is complete) and returns OUTPUT: a Path for a local folder, the
-    URI for a remote one."""
+    """Label every document of a corpus with one or several trained task models; writes
+    OUTPUT/predictions.parquet (several runs: OUTPUT/<run name>/predictions.parquet; an earlier file there is
+    replaced only once the new one is complete) and returns OUTPUT: a Path for a local folder, the URI for a remote
+    one. Runs that share a model and cut layer share one pass over the documents."""
+    from .cluster import connect
+
+    storage.writable_folder(opts.output)
+    runs = [storage.absolute(r) for r in opts.run]  # the predictor actors read the models from them
+    infos = [_run_info(r) for r in runs]
+    groups = _one_pass_groups(infos)
+    outputs = [storage.join(opts.output, "predictions.parquet")] if len(runs) == 1 else \
+        [storage.join(opts.output, r.rstrip("/").rsplit("/", 1)[-1], "predictions.parquet") for r in runs]
+    connect()
+    for g in groups:
+        _predict_group(opts, [runs[i] for i in g], infos[g[0]], [outputs[i] for i in g])
+    return Path(opts.output) if storage.is_local(opts.output) else opts.output
+
+
+def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], outputs: list[str]) -> None:
     import ray
     import ray.data
 
     from .cache import KEY_FIELDS, open_cache
     from .cache_build import corpus_of
-    from .cluster import cluster_cpus, cluster_gpus, connect
+    from .cluster import cluster_cpus, cluster_gpus
     from .corpus import read_ids
     from .pretrained import fingerprint
 
-    storage.writable_folder(opts.output)
-    run = storage.absolute(opts.run)  # the predictor actors read the model from it
-    if not storage.exists(storage.join(run, "model", "task.json")):
-        raise PredictError(f"{run}: no model/task.json: not a trained er_ray run")
-    info = storage.read_json(storage.join(run, "model", "task.json"))
-    connect()
     if opts.cache:
         k = info["spec"]["cut_layer"]
         fp = fingerprint(info["model"], info["max_length"])
@@ -158,22 +204,31 @@ def predict(opts: PredictOptions) -> Path | str:
     gpus = cluster_gpus()
     workers = opts.workers or max(1, gpus)
     threads = None if gpus else max(1, int(cluster_cpus()) // workers)
-    out = ds.map_batches(Predictor, fn_constructor_kwargs={"run": run, "source": source,
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"runs": runs, "source": source,
                                                            "batch_size": opts.batch_size, "threads": threads,
                                                            "cache_dtype": cache_dtype},
                          batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=1 if gpus else 0, num_cpus=1)
-    # streamed into one file as the predictor actors deliver, never all in this process's memory
-    rows = run_pipeline(lambda: storage.write_parquet_stream(
-        storage.join(opts.output, "predictions.parquet"), out.iter_batches(batch_size=None, batch_format="pyarrow")))
+    token = info["spec"]["task_type"] == "token_classification"
+    names = ("tags", "scores") if token else ("label", "score")
+
+    def per_run(batches):  # the actors' one table -> one table per run, streamed into its own file
+        for b in batches:
+            yield tuple(pa.table({"id": b.column("id"), **{n: b.column(f"{n}_{r}") for n in names}})
+                        for r in range(len(runs)))
+
+    # streamed as the predictor actors deliver, never all in this process's memory
+    rows = run_pipeline(lambda: storage.write_parquet_streams(
+        outputs, per_run(out.iter_batches(batch_size=None, batch_format="pyarrow"))))[0]
     if rows == 0:
         raise PredictError("no documents to label: the corpus is empty" +
                            (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))
     if opts.cache and opts.corpus and rows < len(wanted):  # nothing is dropped silently
         say("predict", f"{fmt_count(len(wanted) - rows)} of the corpus's {fmt_count(len(wanted))} documents are not "
                        f"in the cache {opts.cache} and were not labelled")
-    say("predict", f"{fmt_count(rows)} documents labelled from {source} -> {opts.output}")
-    return Path(opts.output) if storage.is_local(opts.output) else opts.output
+    what = f"{len(runs)} task models in one pass" if len(runs) > 1 else "1 task model"
+    say("predict", f"{fmt_count(rows)} documents labelled from {source} by {what} -> "
+                   f"{outputs[0] if len(outputs) == 1 else opts.output}")
 
 
 def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:

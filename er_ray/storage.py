@@ -322,30 +322,43 @@ def write_parquet_stream(location: str | os.PathLike, tables, **options) -> int:
     The file appears only when complete: it is written under a temporary name and then moved (a rename on a local
     disk, a server-side copy on object stores, where a streamed upload cut short would otherwise be committed
     half-written when its stream closes)."""
-    fs, path = resolve(location)
-    parent, name = path.rsplit("/", 1)
-    if fs.type_name not in _OBJECT_STORES:
-        fs.create_dir(parent, recursive=True)
-    tmp, rows, writer = f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}", 0, None
+    return write_parquet_streams([location], ((t,) for t in tables), **options)[0]
+
+
+def write_parquet_streams(locations: list, tables, **options) -> list[int]:
+    """write_parquet_stream into several files at once: `tables` yields a tuple of one table per location (each
+    file has its own schema). No file appears before the iterator is exhausted; returns the rows per file."""
+    targets = []
+    for location in locations:
+        fs, path = resolve(location)
+        parent, name = path.rsplit("/", 1)
+        if fs.type_name not in _OBJECT_STORES:
+            fs.create_dir(parent, recursive=True)
+        targets.append((fs, path, f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}"))
+    rows, writers = [0] * len(targets), [None] * len(targets)
     try:
-        with fs.open_output_stream(tmp) as f:
-            for t in tables:
-                if writer is None:
-                    writer = pq.ParquetWriter(f, t.schema, **options)
-                writer.write_table(t.cast(writer.schema))
-                rows += t.num_rows
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            fs.delete_file(tmp)
-            return 0
-        fs.move(tmp, path)
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(fs.open_output_stream(tmp)) for fs, _, tmp in targets]
+            for group in tables:
+                for i, t in enumerate(group):
+                    if writers[i] is None:
+                        writers[i] = pq.ParquetWriter(streams[i], t.schema, **options)
+                    writers[i].write_table(t.cast(writers[i].schema))
+                    rows[i] += t.num_rows
+            for w in writers:
+                if w is not None:
+                    w.close()
+        for (fs, path, tmp), w in zip(targets, writers):
+            if w is None:
+                fs.delete_file(tmp)
+            else:
+                fs.move(tmp, path)
     except BaseException:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
+        for fs, _, tmp in targets:
+            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                fs.delete_file(tmp)
         raise
     return rows
-
 
 def upload(folder: str | os.PathLike, location: str | os.PathLike) -> None:
     """Copy every file under a local folder to the same relative names under a location (local or remote),

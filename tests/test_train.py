@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -61,6 +62,9 @@ def test_recycled_lora_learns_trec(trec_lora, out):
         assert saved[key] is not None, key
     assert (run / "model" / "peft_adapter" / "adapter_config.json").exists()
     assert (out / "results.parquet").exists()
+    # MFU: the step's model FLOP/s against the matmul peak the worker measured at its start (er_ray.flops)
+    assert saved["matmul_peak_flops"] > 1e8 and 0.01 < saved["mfu"] <= 1.0, saved["mfu"]
+    assert all(0 < h["mfu"] <= 1.0 for h in saved["history"])
 
 
 @pytest.mark.parametrize("adapter,size", [("bottleneck", 32), ("full", 0)])
@@ -230,6 +234,31 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
     w = load_file(tmp_path / "runs" / m["run"] / "model" / "trainable.safetensors")
     lora_b = [v for k, v in w.items() if "lora_B" in k]
     assert len(lora_b) == 3 * 6 and all(float(v.abs().sum()) > 0 for v in lora_b)  # 6 maps in each of 3 layers
+
+
+def test_several_runs_predict_in_one_pass_as_each_does_alone(trec_lora, out, tmp_path, capfd):
+    """`er-ray predict --run A --run B`: one read of the cache (or one pass of the lower layers over the text) for
+    both task models, each run's predictions what it gives alone. B is another adapter kind at the same cut layer."""
+    cache_dir = trec_cache(out)
+    b = train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path / "b"), adapter="bottleneck",
+                           adapter_size=8, **dict(FAST, epochs=1, max_train_examples=200)))[0]
+    runs = [str(out / "runs" / "trec-k3-lora8-s0"), str(tmp_path / "b" / "runs" / b["run"])]
+    docs = tasks.load_task("trec").splits["test"].select(["id", "text"])
+    pq.write_table(docs, tmp_path / "docs.parquet")
+    corpus = [str(tmp_path / "docs.parquet")]
+    for source in ({"cache": str(cache_dir)}, {}):
+        together = predict.predict(predict.PredictOptions(run=runs, corpus=corpus, output=str(tmp_path / "both"),
+                                                          **source))
+        assert "2 task models in one pass" in capfd.readouterr().err
+        for r in runs:
+            alone = predict.predict(predict.PredictOptions(run=r, corpus=corpus, output=str(tmp_path / "alone"),
+                                                           **source))
+            one = pq.read_table(together / Path(r).name / "predictions.parquet").sort_by("id").to_pydict()
+            ref = pq.read_table(alone / "predictions.parquet").sort_by("id").to_pydict()
+            assert one["id"] == ref["id"] and len(one["id"]) == docs.num_rows
+            assert one["label"] == ref["label"], (source, r)
+            assert np.allclose(one["score"], ref["score"], atol=1e-5), (source, r)
+        assert not (together / "predictions.parquet").exists()  # several runs: a folder each
 
 
 def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
