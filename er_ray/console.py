@@ -180,7 +180,8 @@ def epoch_relay():
 def epoch_line(m: dict) -> str:
     return (f"{m['run']}: epoch {m['epoch']}/{m['epochs']}, loss {m['train_loss']:.4f}, dev {m['metric']} "
             f"{fmt_score(m['dev_score'])}, {fmt_seconds(m['train_seconds'])} "
-            f"({m['examples_per_second']:,.0f} examples/s)" + (", resumed" if m.get("resumed") else ""))
+            f"({m['examples_per_second']:,.0f} examples/s" + (f", MFU {m['mfu']:.0%}" if "mfu" in m else "") + ")" +
+            (", resumed" if m.get("resumed") else ""))
 
 
 def _drain(queue) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .flops import layer_forward_flops, matmul_peak, train_flops_per_token
 from .metrics import f1, span_counts
 from .model import IGNORE
 
@@ -186,6 +187,18 @@ class Worker:
         self.data_spec = {"source": cfg.source, "task_type": self.spec.task_type, "hidden": cfg.hidden,
                           "cache_dtype": cfg.cache_dtype, "pad_id": self.enc.tokenizer.pad_token_id or 0}
         self.tokenizer = self.enc.tokenizer if cfg.source == "text" else None
+        self.peak = matmul_peak(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, self.device.type)
+
+    def step_flops(self, real_tokens: int, seq_len: int) -> float:
+        """Model FLOPs of one training step (er_ray.flops): the layers that train, and frozen lower layers run
+        from text."""
+        c, k = self.enc.model.config, self.spec.cut_layer
+        h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        trains = self.spec.full_finetune or self.spec.adapter == "full"
+        per_token = train_flops_per_token(h, i, seq_len, n - k, trains)
+        if self.cfg.source == "text":
+            per_token += k * layer_forward_flops(h, i, seq_len)
+        return real_tokens * per_token
 
     def batches(self, split: str, shuffle_seed: int | None):
         import ray.train
@@ -227,7 +240,7 @@ class Worker:
         import torch
 
         t0 = time.perf_counter()
-        data_s = step_s = loss_sum = 0.0
+        data_s = step_s = loss_sum = flops = 0.0
         n_steps = n_ex = 0
         it = self.batches("train", self.cfg.seed * 1000 + epoch)
         while True:
@@ -244,6 +257,7 @@ class Worker:
             self.engine.backward(loss)
             self.engine.step()
             step_s += time.perf_counter() - ts
+            flops += self.step_flops(int(mask.sum()), mask.shape[1])
             loss_sum += loss.detach().item()
             n_steps += 1
             n_ex += len(y)
@@ -251,7 +265,9 @@ class Worker:
         return {"train_loss": loss_sum / max(n_steps, 1), "train_seconds": train_s,
                 "learning_rate": float(self.engine.get_lr()[0]),  # at the epoch's end
                 "examples_per_second": n_ex * self.world / max(train_s, 1e-9), "data_seconds": data_s,
-                "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9)}
+                "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9),
+                # the step's model FLOP/s on this worker, against the matmul peak it measured at its start
+                "model_flops_per_second": flops / max(step_s, 1e-9), "mfu": flops / max(step_s, 1e-9) / self.peak}
 
     def evaluate(self, split: str) -> dict:
         import torch
@@ -316,6 +332,7 @@ class Worker:
                    "train_seconds": train_s, "epochs_run": len(history),
                    "seconds_per_epoch": train_s / max(len(history), 1),
                    "examples_per_second": float(np.mean([h["examples_per_second"] for h in history])),
+                   "mfu": float(np.mean([h.get("mfu", np.nan) for h in history])), "matmul_peak_flops": self.peak,
                    "data_stall": float(np.mean([h["data_stall"] for h in history])),
                    "trainable_parameters": self.model.num_trainable(), "learning_rate": cfg.learning_rate,
                    "batch_size": cfg.batch_size, "workers": cfg.workers, "precision": cfg.precision,

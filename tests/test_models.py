@@ -88,3 +88,28 @@ def test_cache_tokenizer_equals_the_transformers_tokenizer(encoder):
     got = tokenizer_for(str(encoder.folder), 32).encode_batch(words, is_pretokenized=True)
     assert [e.ids for e in got] == ref["input_ids"]
     assert [e.word_ids for e in got] == [ref.word_ids(i) for i in range(len(words))]
+
+
+def test_model_flops_are_what_torch_counts_for_a_real_layer(encoder):
+    """MFU's numerator (er_ray.flops) against torch's own FLOP counter on one real layer's forward and backward.
+    torch counts the matmuls of the linear maps (addmm forward; mm for the input and weight gradients) but not
+    the CPU's fused attention kernel, so the attention term (4·t·h per token) is checked by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from er_ray.encoders import UpperEncoder
+    from er_ray.flops import layer_forward_flops, matmul_peak, train_flops_per_token
+
+    c = encoder.model.config
+    hid, inter, t = c.hidden_size, c.intermediate_size, 48
+    upper = UpperEncoder(encoder.model, c.num_hidden_layers - 1)  # the last layer alone (and the pooler)
+    h = torch.randn(2, t, hid, requires_grad=True)
+    with FlopCounterMode(display=False) as count:
+        upper(h, torch.ones(2, t, dtype=torch.long)).last_hidden_state.sum().backward()
+    ops = {str(k): v for k, v in count.get_flop_counts()["Global"].items()}
+    linear = 2 * t * layer_forward_flops(hid, inter, seq_len=0)
+    assert abs(ops["aten.addmm"] - linear) / linear < 0.01, (ops, linear)  # + the pooler on 2 tokens
+    assert ops["aten.mm"] == 2 * linear  # the backward: input and weight gradients
+    assert layer_forward_flops(hid, inter, t) - layer_forward_flops(hid, inter, 0) == 4 * t * hid
+    assert train_flops_per_token(hid, inter, t, 3, weights_train=True) == 9 * layer_forward_flops(hid, inter, t)
+    assert train_flops_per_token(hid, inter, t, 3, weights_train=False) == 6 * layer_forward_flops(hid, inter, t)
+    assert 1e8 < matmul_peak(seconds=0.2) < 1e13  # FLOP/s of this machine's fp32 matmuls: plausible, measured
