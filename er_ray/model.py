@@ -11,7 +11,9 @@ Adapters (each with an `adapter_size`):
   projections, before the residual LayerNorm), width = size; the layer norms train too, as in Houlsby et al.
 - `full`: every weight of the upper layers trains (the paper's first variant; no size).
 The head pools the way the encoder was trained to pool (mean over real tokens for sentence-transformers models,
-the first token otherwise) for sequence classification, or labels every token for token classification.
+the first token otherwise) for sequence classification, labels every token for token classification, or
+scores every token as the start and the end of an answer span for extractive QA (`span_loss`; decoding is
+er_ray.qa's).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class ModelSpec:
     cut_layer: int
     adapter: Adapter = "lora"
     adapter_size: int = 16
-    task_type: Literal["classification", "token_classification"] = "classification"
+    task_type: Literal["classification", "token_classification", "question_answering"] = "classification"
     num_labels: int = 2
+    """classes, tags, or 2 for question answering (a start and an end logit per token)"""
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = 0.1
     source: Literal["cache", "text"] = "cache"
@@ -145,7 +148,7 @@ class TaskModel(nn.Module):
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.lower(inputs, attention_mask) if self.lower is not None else inputs
         h, _ = self.upper.run_layers(h.to(self.classifier.weight.dtype), attention_mask)  # no pooler: unused
-        if self.spec.task_type == "token_classification":
+        if self.spec.task_type != "classification":  # a logit per token and tag (or per token: start, end)
             return self.classifier(self.dropout(h))
         if self.spec.pooling == "mean":
             w = attention_mask.unsqueeze(-1).to(h.dtype)
@@ -166,6 +169,16 @@ class TaskModel(nn.Module):
         """Fold LoRA into the weights for inference (exact up to float rounding; unmerged LoRA costs time)."""
         if self.peft is not None:
             self.peft.merge_adapter()
+
+
+def span_loss(logits: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor,
+              end: torch.Tensor) -> torch.Tensor:
+    """Extractive QA's loss: the mean of the cross-entropies of the answer's start and end token over each window's
+    real tokens (padding can be neither). logits [b, t, 2]; start, end [b] (0, the first token, where the window
+    holds no answer)."""
+    pad = attention_mask == 0
+    s, e = (logits[..., i].float().masked_fill(pad, torch.finfo(torch.float32).min) for i in (0, 1))
+    return (nn.functional.cross_entropy(s, start) + nn.functional.cross_entropy(e, end)) / 2
 
 
 def token_labels(word_ids: list[int], word_tags: list[int], ignore: int = IGNORE) -> list[int]:

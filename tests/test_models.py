@@ -113,3 +113,28 @@ def test_model_flops_are_what_torch_counts_for_a_real_layer(encoder):
     assert train_flops_per_token(hid, inter, t, 3, weights_train=True) == 9 * layer_forward_flops(hid, inter, t)
     assert train_flops_per_token(hid, inter, t, 3, weights_train=False) == 6 * layer_forward_flops(hid, inter, t)
     assert 1e8 < matmul_peak(seconds=0.2) < 1e13  # FLOP/s of this machine's fp32 matmuls: plausible, measured
+
+
+def test_the_span_head_scores_every_token_and_its_loss_ignores_padding():
+    """Extractive QA's head on a real model's upper layers: a start and an end logit per token; the loss is the
+    mean of the two cross-entropies over real tokens, so logits on padding change nothing."""
+    from er_ray.model import ModelSpec, TaskModel, span_loss
+
+    enc = pretrained.load_encoder("minilm")
+    model = TaskModel(enc.model, ModelSpec(cut_layer=3, task_type="question_answering", num_labels=2)).eval()
+    h = torch.randn(2, 7, 384)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    logits = model(h, mask)
+    assert logits.shape == (2, 7, 2)
+    start, end = torch.tensor([2, 0]), torch.tensor([4, 0])
+    loss = span_loss(logits, mask, start, end)
+    by_hand = []
+    for i, (s, e) in enumerate(zip(start, end)):
+        n = int(mask[i].sum())
+        by_hand.append((-torch.log_softmax(logits[i, :n, 0], 0)[s] - torch.log_softmax(logits[i, :n, 1], 0)[e]) / 2)
+    assert torch.allclose(loss, torch.stack(by_hand).mean(), atol=1e-5)
+    moved = logits.clone()
+    moved[1, 5:] += 100.0  # padding's logits do not count
+    assert torch.allclose(span_loss(moved, mask, start, end), loss, atol=1e-5)
+    loss.backward()
+    assert model.classifier.weight.grad is not None
