@@ -189,3 +189,15 @@ def best_span(start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarra
                 if s_log[s] + e_log[e] > score:
                     score, best = float(s_log[s] + e_log[e]), (offs[s][0], offs[e][1])
     return (context[best[0]:best[1]], score) if score > -np.inf else ("", score)
+
+
+def answers(wins: Sequence[Window], start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],
+            ids: Sequence[str], contexts: Sequence[str], n_best: int = N_BEST,
+            max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict[str, str]:
+    """Each question's answer (by its id) from the logits of all its windows."""
+    by_question: dict[int, list[int]] = {}
+    for i, w in enumerate(wins):
+        by_question.setdefault(w.question, []).append(i)
+    return {ids[q]: best_span([start_logits[i] for i in ws], [end_logits[i] for i in ws],
+                              [wins[i].offsets for i in ws], contexts[q], n_best, max_answer_tokens)[0]
+            for q, ws in by_question.items()}

@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from er_ray.pretrained import PACKAGED_MODELS
-from er_ray.qa import (QAError, answer_tokens, best_span, exact_match, f1_score, normalize_answer, split_by_article,
-                       squad_rows, squad_scores, windows)
+from er_ray.qa import (QAError, answer_tokens, answers, best_span, exact_match, f1_score, normalize_answer,
+                       split_by_article, squad_rows, squad_scores, windows)
 
 
 def test_normalisation_is_the_official_scripts():
@@ -125,3 +125,23 @@ def test_dev_and_test_are_split_by_article_the_same_way_every_time():
     by_article = {t: {s for tt, s in zip(titles, split) if tt == t} for t in set(titles)}
     assert all(len(s) == 1 for s in by_article.values())  # no article (no context) on both sides
     assert sorted(s for (s,) in by_article.values()).count("dev") == 5
+
+
+def test_windows_decoded_back_give_the_answers_and_full_marks(tokenizer):
+    """Windows -> logits that point at each window's labelled answer tokens -> answers -> EM and F1 of 100: the
+    pieces fit (offsets, the windows' labels, decoding across windows and the scores)."""
+    filler = " ".join(f"filler{i}" for i in range(150))
+    contexts = [f"{filler} The capital of France is Paris. {filler}", "Ottawa is the capital of Canada."]
+    refs = [("Paris", contexts[0].index("Paris")), ("Ottawa", 0)]
+    wins = windows(tokenizer, ["What is the capital of France?", "Which city is Canada's capital?"], contexts,
+                   [s for _, s in refs], [t for t, _ in refs], max_length=96, stride=32)
+    assert len(wins) > 4
+    starts, ends = [], []
+    for w in wins:
+        s, e = np.zeros(len(w.input_ids)), np.zeros(len(w.input_ids))
+        s[w.start] += 5.0  # a window without the answer points at its first token ([CLS], not context)
+        e[w.end] += 5.0
+        starts.append(s), ends.append(e)
+    got = answers(wins, starts, ends, ["fr", "ca"], contexts)
+    assert got == {"fr": "Paris", "ca": "Ottawa"}
+    assert squad_scores(got, {"fr": ["Paris"], "ca": ["Ottawa", "Ottawa, Ontario"]})["exact_match"] == 100.0
