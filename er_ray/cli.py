@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = _RESUME.get(ns.verb)
         console.say(ns.verb, "interrupted" + (f": {kept}" if kept else ""))
-        return 130
+        return console.exit_code_of_interrupt()
     except ErRayError as e:  # written to be read by a person: print it, not a traceback
         print(f"er-ray {ns.verb}: error: {e}", file=sys.stderr)
         return 1

@@ -48,6 +48,7 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
                            f"{' (see /tmp/ray/session_latest/logs)' if not os.environ.get('RAY_ADDRESS') else ''}") \
             from None
     console.quiet_ray()
+    console.terminate_as_interrupt()
 
 
 def cluster_gpus() -> int:

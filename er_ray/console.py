@@ -91,6 +91,30 @@ def _drop_known_lines(record) -> bool:
     return "Progress bars disabled" not in str(record.msg)
 
 
+def terminate_as_interrupt() -> None:
+    """`kill` (SIGTERM) takes Ctrl-C's path: one line, what is kept, how to resume. Set after ray.init: Ray's
+    core worker installs a failure-signal handler for SIGTERM that printed a C++ stack dump
+    (`logging.cc: PC: @ ...`) and killed the process mid-write. Only in the main thread (where Python can)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        _state["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def exit_code_of_interrupt() -> int:
+    """128 + the signal that interrupted the command: 130 for Ctrl-C, 143 for SIGTERM."""
+    import signal
+
+    return 128 + int(_state.get("signal", signal.SIGINT))
+
+
 def say(stage: str, msg: str) -> None:
     print(f"[er_ray {stage}] {msg}", file=sys.stderr, flush=True)
 
