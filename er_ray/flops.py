@@ -16,6 +16,13 @@ from __future__ import annotations
 import time
 
 
+def model_shape(config) -> tuple[int, int, int]:
+    """(hidden, intermediate, layers) of a transformers config. Trap: DistilBERT names its feed-forward width
+    `hidden_dim` and has no `intermediate_size` (its attribute map covers hidden_size and num_hidden_layers only)."""
+    inter = getattr(config, "intermediate_size", None) or config.hidden_dim
+    return config.hidden_size, inter, config.num_hidden_layers
+
+
 def layer_forward_flops(hidden: int, intermediate: int, seq_len: float) -> float:
     """FLOPs of one layer's forward pass, per token."""
     return 2.0 * (4 * hidden * hidden + 2 * hidden * intermediate) + 4.0 * seq_len * hidden

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .flops import layer_forward_flops, matmul_peak, train_flops_per_token
+from .flops import layer_forward_flops, matmul_peak, model_shape, train_flops_per_token
 from .metrics import f1, span_counts
 from .model import IGNORE
 
@@ -192,8 +192,8 @@ class Worker:
     def step_flops(self, real_tokens: int, seq_len: int) -> float:
         """Model FLOPs of one training step (er_ray.flops): the layers that train, and frozen lower layers run
         from text."""
-        c, k = self.enc.model.config, self.spec.cut_layer
-        h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        k = self.spec.cut_layer
+        h, i, n = model_shape(self.enc.model.config)
         trains = self.spec.full_finetune or self.spec.adapter == "full"
         per_token = train_flops_per_token(h, i, seq_len, n - k, trains)
         if self.cfg.source == "text":

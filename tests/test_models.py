@@ -138,3 +138,14 @@ def test_the_span_head_scores_every_token_and_its_loss_ignores_padding():
     assert torch.allclose(span_loss(moved, mask, start, end), loss, atol=1e-5)
     loss.backward()
     assert model.classifier.weight.grad is not None
+
+
+def test_model_shape_reads_every_supported_architecture():
+    """MFU's layer shapes: DistilBERT names its feed-forward width `hidden_dim` (training crashed on it otherwise)."""
+    from transformers import BertConfig, DistilBertConfig, MPNetConfig
+
+    from er_ray.flops import model_shape
+
+    assert model_shape(BertConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3)) == (64, 256, 3)
+    assert model_shape(MPNetConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2)) == (32, 48, 2)
+    assert model_shape(DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=2)) == (64, 128, 2)
