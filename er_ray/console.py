@@ -94,11 +94,12 @@ def _drop_known_lines(record) -> bool:
 def terminate_as_interrupt() -> None:
     """`kill` (SIGTERM) takes Ctrl-C's path: one line, what is kept, how to resume. Set after ray.init: Ray's
     core worker installs a failure-signal handler for SIGTERM that printed a C++ stack dump
-    (`logging.cc: PC: @ ...`) and killed the process mid-write. Only in the main thread (where Python can)."""
+    (`logging.cc: PC: @ ...`) and killed the process mid-write. Only for er-ray's own commands (the CLI configures
+    the console; a Python program that imports er_ray keeps its own SIGTERM handling), in the main thread."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if not _state["configured"] or threading.current_thread() is not threading.main_thread():
         return
 
     def interrupt(signum, frame):
