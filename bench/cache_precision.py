@@ -52,6 +52,9 @@ def decoded(layer: Path) -> dict[str, object]:
 
 
 def main():
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", action="append", help="a task (repeatable; default: trec and wnut16)")

@@ -130,6 +130,9 @@ def ray_build(corpus, out, model, layers, dtype, batch_size, max_length) -> dict
 
 
 def main():
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--limit", type=int, default=None, help="documents of the corpus (default: all 22,641)")

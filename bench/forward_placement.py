@@ -109,6 +109,9 @@ def with_load(fn, load: float) -> dict:
 
 
 def main():
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mpnet")
     ap.add_argument("--docs", type=int, default=600)

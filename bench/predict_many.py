@@ -53,6 +53,9 @@ def timed(args: list[str]) -> float:
 
 
 def main() -> None:
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="trec")
     ap.add_argument("--runs", type=int, default=3)

@@ -50,6 +50,9 @@ def collapsed(test: float | None, floor: float | None) -> bool:
 
 
 def main():
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", action="append", help="a task (repeatable; default: every built-in task)")

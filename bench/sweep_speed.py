@@ -26,6 +26,9 @@ from er_ray.sweep import sweep  # noqa: E402
 
 
 def main() -> None:
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--cut-layer", default="2,3,4")

@@ -69,6 +69,9 @@ def inference_pass(run: Path, source: str, task, cache_dir: str | None, batch_si
 
 
 def main():
+    from er_ray import console
+
+    console.configure()  # er_ray's own console, as the CLI's: Ray's INFO lines and progress stay in its logs
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", action="append", default=None)
