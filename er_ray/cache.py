@@ -9,7 +9,11 @@ Columns of a shard: `id` string; `length` int32 (real tokens); `hidden` the laye
 `list<fixed_size_binary[B]>`, one value per real token holding its H numbers as raw little-endian bytes of the
 manifest's dtype (fp32: B = 4H, fp16: IEEE half, B = 2H, bf16: bfloat16, B = 2H, int8: B = H with a `scale`
 `list<float>` column, value = int8 * scale per token); token-classification corpora add `word_ids`
-`list<int32>` (-1 for special tokens), mapping tokens back to words. Decoding with plain numpy:
+`list<int32>` (-1 for special tokens), mapping tokens back to words. Question answering caches (manifest
+`question_answering: true`, format version 2) hold one row per *window* of a question + context pair: `id`
+`<question id>#<window>`, `question_id` string, and `offset_start`, `offset_end` `list<int32>` (the characters of
+the context each token covers; -1 for the question's tokens and special tokens); the manifest's `stride` is the
+tokens consecutive windows share, its `rows` count windows. Decoding with plain numpy:
 `np.frombuffer(col.values.buffers()[1], np.float16).reshape(-1, H)` (and `col.offsets` for the rows).
 Why raw bytes rather than `list<fixed_size_list<halffloat>>`: Parquet encodes nested floats value by value
 (repetition levels for every number), which made writing 6x slower; Arrow and Parquet have no bf16 or scaled
@@ -47,7 +51,7 @@ from .errors import ErRayError
 from .options import DTYPES  # noqa: F401  (the dtypes a cache may hold)
 
 FORMAT = "er_ray.cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: question answering caches (rows are windows); others are still written as 1
 # What a reader must agree with before it may use a cache (the fingerprint of the computation).
 KEY_FIELDS = ("weights_sha256", "architecture", "cut_layer", "tokenizer_fingerprint", "max_length")
 
@@ -94,6 +98,10 @@ class Manifest:
     max_length: int
     tokenizer_fingerprint: str
     token_classification: bool = False
+    question_answering: bool = False
+    """rows are windows of question + context pairs (id `<question id>#<window>`), not documents"""
+    stride: int | None = None
+    """question answering: the tokens consecutive windows share"""
     shards: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
@@ -132,9 +140,11 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items()}
         d.update(rows=self.rows, real_tokens=self.real_tokens, truncated=self.truncated, bytes=self.bytes,
-                 corpus_fingerprint=self.corpus_fingerprint)
+                 corpus_fingerprint=self.corpus_fingerprint,
+                 format_version=2 if self.question_answering else 1)  # an older er_ray reads what it can
         order = ["format", "format_version", "model", "weights_sha256", "architecture", "num_layers", "hidden_size",
-                 "cut_layer", "dtype", "max_length", "tokenizer_fingerprint", "token_classification", "rows",
+                 "cut_layer", "dtype", "max_length", "tokenizer_fingerprint", "token_classification",
+                 "question_answering", "stride", "rows",
                  "real_tokens", "truncated", "bytes", "corpus_fingerprint", "versions", "created", "updated",
                  "skipped", "shards"]
         return {k: d[k] for k in order}
@@ -207,13 +217,35 @@ class Cache:
                                  f"it)")
             _CHECKED.add(key)
 
-    def ids(self) -> list[str]:
-        return self.read(columns=["id"]).column("id").to_pylist() if self.files else []
+    def ids(self, documents: bool = False) -> list[str]:
+        """Its rows' ids; with `documents`, the documents' (for question answering, its questions, not windows)."""
+        col = "question_id" if documents and self.manifest.question_answering else "id"
+        return list(dict.fromkeys(self.read(columns=[col]).column(col).to_pylist())) if self.files else []
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache as one Arrow table (small caches and tests; training streams it with Ray Data)."""
         self.check_shards()
         return pa.concat_tables([storage.read_parquet(f, columns) for f in self.files])
+
+    def read_ids(self, ids, columns: list[str] | None = None, key: str = "id") -> pa.Table:
+        """The rows whose `key` (id, or question_id: a question's windows) is in `ids` (a set), in the cache's
+        order, read on this process: shard by shard (a few at once, pyarrow decompressing outside the GIL), each
+        cut to the wanted rows before the next, so memory holds the rows kept and a few shards. What a run of a
+        small task reads: no Ray Data tasks to start."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.compute as pc
+
+        self.check_shards()
+        want = pa.array(sorted(ids), pa.string())
+
+        def one(f: str) -> pa.Table:
+            t = storage.read_parquet(f, columns)
+            return t.filter(pc.is_in(t.column(key), value_set=want))
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            parts = list(pool.map(one, self.files))  # map keeps the manifest's order
+        return pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns or ["id"]})
 
     def dataset(self, columns: list[str] | None = None):
         """A Ray Dataset over exactly the manifest's shards (read through the cache's filesystem)."""

@@ -49,7 +49,7 @@ def build_cache(opts: CacheOptions) -> dict[int, Manifest]:
         check_cut_layer(k, fp["num_layers"], fp["model"], allow_last=True)
     if opts.derive_from is not None:
         return {k: derive_cache(opts, fp, k) for k in layers}
-    corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
+    corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column, opts.context_column)
     file_ids = read_ids(corpus)
     # One builder per cache at a time: a second waits, then finds the first one's shards committed.
     with storage.exclusive(opts.output, lambda who: say("cache", f"waiting for {who}, which is building "
@@ -61,7 +61,8 @@ def _build(opts: CacheOptions, fp: dict[str, Any], layers: list[int], corpus, fi
     from .cluster import connect
 
     n_docs = sum(len(ids) for _, ids in file_ids)
-    manifests = {k: _open_for_write(opts, fp, k, corpus.token_classification) for k in layers}
+    manifests = {k: _open_for_write(opts, fp, k, corpus.token_classification, corpus.context_column is not None)
+                 for k in layers}
     hashes = doc_hashes(corpus) if any(m.shards for m in manifests.values()) else {}
     # Layers whose caches hold the same documents are encoded together, in one forward pass.
     groups: dict[frozenset, list[int]] = {}
@@ -88,7 +89,7 @@ def _build(opts: CacheOptions, fp: dict[str, Any], layers: list[int], corpus, fi
             continue
         stage1 = dict(folder=fp["folder"], max_length=opts.max_length, id_column=corpus.id_column,
                       text_column=corpus.text_column, token_classification=corpus.token_classification,
-                      skip_bad_rows=opts.skip_bad_rows)
+                      context_column=corpus.context_column, skip_bad_rows=opts.skip_bad_rows)
         _run_pipeline(opts, fp, ks, plans, manifests, stage1=stage1)
     return manifests
 
@@ -101,7 +102,7 @@ def derive_cache(opts: CacheOptions, fp: dict[str, Any], k: int) -> Manifest:
     if not 0 <= a < k:
         raise OptionsError(f"--derive-from {a} must be shallower than the cut layer {k}")
     src = open_cache(opts.output, a, expect=fp)
-    m = _open_for_write(opts, fp, k, src.manifest.token_classification)
+    m = _open_for_write(opts, fp, k, src.manifest.token_classification, src.manifest.question_answering)
     have = {s["file"] for s in m.shards}
     plans = [{"shard": s["file"], "source": storage.join(storage.absolute(src.path), s["file"]),
               "dtype": src.manifest.dtype,
@@ -114,7 +115,8 @@ def derive_cache(opts: CacheOptions, fp: dict[str, Any], k: int) -> Manifest:
     return m
 
 
-def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classification: bool) -> Manifest:
+def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classification: bool,
+                    question_answering: bool) -> Manifest:
     d = layer_dir(opts.output, k)
     key = {**{f: fp[f] for f in KEY_FIELDS if f in fp}, "cut_layer": k}
     m = None
@@ -124,6 +126,12 @@ def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classi
         if m.dtype != opts.dtype:
             raise CacheMismatch(f"{d} was built with dtype={m.dtype!r}, but this run uses dtype={opts.dtype!r}; "
                                 f"build into another directory")
+        if m.shards and (m.question_answering, m.stride) != (question_answering,
+                                                             qa_stride(question_answering, opts.max_length)):
+            raise CacheMismatch(f"{d} holds {'question answering windows' if m.question_answering else 'documents'}"
+                                f" (stride {m.stride}), this corpus is "
+                                f"{'question answering' if question_answering else 'documents'}; build into "
+                                f"another directory")
     # What a killed run wrote and never committed (temporary files; on object stores, whole shards uploaded but
     # not yet in the manifest): never visible to readers, now removed.
     committed = {s["file"] for s in m.shards} if m else set()
@@ -135,13 +143,22 @@ def _open_for_write(opts: CacheOptions, fp: dict[str, Any], k: int, token_classi
     return Manifest(model=fp["model"], weights_sha256=fp["weights_sha256"], architecture=fp["architecture"],
                     num_layers=fp["num_layers"], hidden_size=fp["hidden_size"], cut_layer=k, dtype=opts.dtype,
                     max_length=opts.max_length, tokenizer_fingerprint=fp["tokenizer_fingerprint"],
-                    token_classification=token_classification, versions=versions())
+                    token_classification=token_classification, question_answering=question_answering,
+                    stride=qa_stride(question_answering, opts.max_length), versions=versions())
+
+
+def qa_stride(question_answering: bool, max_length: int) -> int | None:
+    """The overlap of a question answering cache's windows (er_ray.qa.stride; recorded in its manifest)."""
+    from .qa import stride
+
+    return stride(max_length) if question_answering else None
 
 
 def shard_ids(d: str, m: Manifest) -> dict[str, list[str]]:
-    """Each committed shard's document ids."""
-    return {s["file"]: storage.read_parquet(storage.join(d, s["file"]), ["id"]).column("id").to_pylist()
-            for s in m.shards}
+    """Each committed shard's document ids (for question answering: its questions, not its windows)."""
+    col = "question_id" if m.question_answering else "id"
+    return {s["file"]: list(dict.fromkeys(storage.read_parquet(storage.join(d, s["file"]), [col]).column(col)
+                                          .to_pylist())) for s in m.shards}
 
 
 def stale_shards(m: Manifest, shards: dict[str, list[str]], hashes: dict[str, str]) -> dict[str, str]:
@@ -220,13 +237,13 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
     bar.close()
 
 
-def corpus_of(items: list[str], id_column: str = "id", text_column: str = "text"):
+def corpus_of(items: list[str], id_column: str = "id", text_column: str = "text", context_column: str | None = None):
     """`--corpus` as given: a built-in task or a task spec (all its documents), or corpus files."""
     from . import tasks
 
     if len(items) == 1 and (items[0] in tasks.BUILTINS or items[0].endswith((".yaml", ".yml"))):
         return tasks.load_task(items[0]).corpus()
-    return resolve_corpus(items, id_column, text_column)
+    return resolve_corpus(items, id_column, text_column, context_column)
 
 
 def cache_root(output: str | Path, corpus: str, model: str, max_length: int) -> str:
@@ -240,5 +257,6 @@ def ensure_cache(task, root: str, model: str, max_length: int, dtype: str, layer
     the documents or layers it lacks: nothing already encoded is encoded again. Returns `root`."""
     corpus = task.corpus()
     build_cache(CacheOptions(corpus=corpus.files, output=root, model=model, cut_layer=sorted(set(layers)),
-                             dtype=dtype, max_length=max_length, text_column=corpus.text_column))
+                             dtype=dtype, max_length=max_length, text_column=corpus.text_column,
+                             context_column=corpus.context_column))
     return root

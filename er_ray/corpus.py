@@ -98,6 +98,20 @@ class Corpus:
     text_column: str = "text"
     token_classification: bool = False
     """the text column holds lists of words (tokens); word_ids are stored to map tokens back to words"""
+    context_column: str | None = None
+    """question answering: the text column holds questions and this one their contexts; a document is the pair"""
+
+    @property
+    def columns(self) -> list[str]:
+        """What a document is read as: id, text (and context)."""
+        return [self.id_column, self.text_column] + ([self.context_column] if self.context_column else [])
+
+    def text(self, table: pa.Table) -> list:
+        """Each document's text: a string, a list of words, or a (question, context) pair."""
+        texts = table.column(self.text_column).to_pylist()
+        if self.context_column:
+            return list(zip(texts, table.column(self.context_column).to_pylist()))
+        return texts
 
 
 def corpus_files(path: str) -> list[str]:
@@ -113,10 +127,11 @@ def corpus_files(path: str) -> list[str]:
     return [str(p)]
 
 
-def resolve_corpus(items: list[str], id_column: str = "id", text_column: str = "text") -> Corpus:
+def resolve_corpus(items: list[str], id_column: str = "id", text_column: str = "text",
+                   context_column: str | None = None) -> Corpus:
     """Corpus files / directories of them (a built-in task or a task spec: `tasks.Task.corpus()`)."""
     files = [f for item in items for f in corpus_files(item)]
-    return Corpus(files, id_column, text_column, _holds_word_lists(files[0], text_column))
+    return Corpus(files, id_column, text_column, _holds_word_lists(files[0], text_column), context_column)
 
 
 def _holds_word_lists(file: str, column: str) -> bool:
@@ -135,13 +150,13 @@ def read_ids(corpus: Corpus) -> list[tuple[str, list[str]]]:
         try:
             if f.endswith(".parquet"):
                 schema = pq.read_schema(f)
-                for c in (corpus.id_column, corpus.text_column):
+                for c in corpus.columns:
                     if c not in schema.names:
                         raise DataError(f"{f}: no column {c!r} (columns: {schema.names})")
                 t = pq.read_table(f, columns=[corpus.id_column])
             else:
                 t = read_table(f)
-                for c in (corpus.id_column, corpus.text_column):
+                for c in corpus.columns:
                     if c not in t.column_names:
                         raise DataError(f"{f}: no column {c!r} (columns: {t.column_names})")
         except (pa.ArrowInvalid, OSError) as e:
@@ -163,9 +178,9 @@ def doc_hashes(corpus: Corpus) -> dict[str, str]:
     """id -> `doc_sha256` of every document of a corpus (to compare with what a cache was built from)."""
     out = {}
     for f in corpus.files:
-        cols = [corpus.id_column, corpus.text_column]
+        cols = corpus.columns
         t = pq.read_table(f, columns=cols) if f.endswith(".parquet") else read_table(f).select(cols)
-        for i, text in zip(t.column(corpus.id_column).to_pylist(), t.column(corpus.text_column).to_pylist()):
+        for i, text in zip(t.column(corpus.id_column).to_pylist(), corpus.text(t)):
             if bad_text(text, corpus.token_classification) is None:
                 out[str(i)] = doc_sha256(str(i), text)
     return out
@@ -184,6 +199,9 @@ def bad_text(text, token_classification: bool) -> str | None:
     """What is wrong with a document's text (None if nothing)."""
     if text is None:
         return "missing text (None)"
+    if isinstance(text, tuple):  # question answering: (question, context)
+        return next((f"{what}: {bad}" for what, part in zip(("question", "context"), text)
+                     if (bad := bad_text(part, False))), None)
     if token_classification:
         if isinstance(text, str):
             return "tokens must be a list of words, got a string"
@@ -198,7 +216,8 @@ def bad_text(text, token_classification: bool) -> str | None:
 
 
 def doc_sha256(doc_id: str, text) -> str:
-    """A document's hash (id and text): the cache keeps it per document, so a changed text is noticed."""
+    """A document's hash (id and text; words, or question and context, joined by a unit separator): the cache keeps
+    it per document, so a changed text is noticed."""
     body = text if isinstance(text, str) else "\x1f".join(text)
     return hashlib.sha256(f"{doc_id}\0{body}".encode()).hexdigest()
 

@@ -16,6 +16,7 @@ from . import storage
 from .console import fmt_count, say
 from .errors import ErRayError, run_pipeline
 from .options import PredictOptions
+from .qa import window_span
 
 
 class PredictError(ErRayError):
@@ -79,11 +80,15 @@ class Predictor:
             LowerEncoder(self.enc.model, self.info["spec"]["cut_layer"]).to(self.device).eval()
         self.source, self.batch_size, self.cache_dtype = source, batch_size, cache_dtype
         self.token = self.info["spec"]["task_type"] == "token_classification"
+        self.qa = self.info["spec"]["task_type"] == "question_answering"
 
     def _inputs(self, batch: pa.Table):
-        """Per row: layer-k states (cache) or token ids (text); word ids per token for token tasks."""
+        """Per row: layer-k states (cache) or token ids (text); word ids per token for token tasks; for question
+        answering (a row per window) the window's question id and its tokens' context characters."""
         from .codec import decode_rows
 
+        if self.qa:
+            return self._windows(batch)
         if self.source == "cache":
             rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
             return rows, batch.column("word_ids").to_pylist() if self.token else None, 0.0
@@ -94,13 +99,30 @@ class Predictor:
             if self.token else None
         return rows, wids, self.enc.tokenizer.pad_token_id or 0
 
+    def _windows(self, batch: pa.Table):
+        from . import qa
+        from .codec import decode_rows
+        from .tokenizer import qa_tokenizer_for
+
+        if self.source == "cache":
+            offsets = [[None if a < 0 else (a, b) for a, b in zip(s, e)] for s, e in
+                       zip(batch.column("offset_start").to_pylist(), batch.column("offset_end").to_pylist())]
+            rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
+            return rows, list(zip(batch.column("question_id").to_pylist(), offsets)), 0.0
+        m = self.info["max_length"]
+        wins = qa.windows(qa_tokenizer_for(str(self.enc.folder), m, qa.stride(m)), batch.column("text").to_pylist(),
+                          batch.column("context").to_pylist())
+        ids = batch.column("id").to_pylist()
+        return ([np.asarray(w.input_ids, np.int64) for w in wins], [(ids[w.question], w.offsets) for w in wins],
+                self.enc.tokenizer.pad_token_id or 0)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from .batching import length_batches, pad_rows
 
-        n = batch.num_rows
         rows, wids, pad = self._inputs(batch)
+        n = len(rows)  # documents, or question answering's windows
         labels: list[list[Any]] = [[None] * n for _ in self.models]
         scores: list[list[Any]] = [[None] * n for _ in self.models]
         with torch.inference_mode():
@@ -109,9 +131,20 @@ class Predictor:
                 x, mask = torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device)
                 h = self.lower(x, mask) if self.lower is not None else x
                 for r, (model, info, _) in enumerate(self.models):
-                    p, y = torch.softmax(model(h, mask).float(), -1).cpu().max(-1)
+                    logits = model(h, mask).float()
+                    if self.qa:  # each window's best span; the best window of each question wins (predict())
+                        for j, i in enumerate(g):
+                            t = len(rows[i])
+                            labels[r][i] = window_span(logits[j, :t, 0].cpu().numpy(), logits[j, :t, 1].cpu().numpy(),
+                                                       wids[i][1])
+                        continue
+                    p, y = torch.softmax(logits, -1).cpu().max(-1)
                     for j, i in enumerate(g):
                         labels[r][i], scores[r][i] = self._row(info["labels"], p[j], y[j], wids[i] if wids else None)
+        if self.qa:
+            return pa.table({"id": [q for q, _ in wids], **{f"{c}_{r}": [b[k] for b in labels[r]]
+                                                             for r in range(len(self.models))
+                                                             for k, c in enumerate(("start", "end", "score"))}})
         out = {"id": batch.column("id")}
         for r in range(len(self.models)):
             if self.token:
@@ -182,24 +215,28 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
     from .corpus import read_ids
     from .pretrained import fingerprint
 
+    qa = info["spec"]["task_type"] == "question_answering"
+    corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column, opts.context_column) if opts.corpus else None
+    if qa and (corpus is None or corpus.context_column is None):
+        raise PredictError("a question answering model answers from each question's context: give --corpus (the "
+                           "built-in task, a task spec, or files with --context-column), also with --cache")
     if opts.cache:
         k = info["spec"]["cut_layer"]
         fp = fingerprint(info["model"], info["max_length"])
         c = open_cache(opts.cache, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
         cache_dtype = c.manifest.dtype
         cols = ["id", "length", "hidden"] + (["scale"] if c.manifest.dtype == "int8" else []) + \
-               (["word_ids"] if c.manifest.token_classification else [])
+               (["word_ids"] if c.manifest.token_classification else []) + \
+               (["question_id", "offset_start", "offset_end"] if c.manifest.question_answering else [])
         ds = c.dataset(columns=cols)
-        if opts.corpus:  # only the corpus's documents
-            corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
+        if corpus:  # only the corpus's documents
             wanted = pa.array(sorted({i for _, ids in read_ids(corpus) for i in ids}), pa.string())
-            ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
+            ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted, "key": "question_id" if qa else "id"},
+                                batch_format="pyarrow")
         source = "cache"
     else:  # each corpus file is read by a Ray task, not by this process: a corpus need not fit in the driver
-        corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column)
         ds = ray.data.from_items([{"file": f} for f in corpus.files], override_num_blocks=len(corpus.files))
-        ds = ds.map_batches(_read_files, fn_kwargs={"id_column": corpus.id_column, "text_column": corpus.text_column},
-                            batch_size=1, batch_format="pyarrow")
+        ds = ds.map_batches(_read_files, fn_kwargs={"columns": corpus.columns}, batch_size=1, batch_format="pyarrow")
         source, cache_dtype = "text", None
     gpus = cluster_gpus()
     workers = opts.workers or max(1, gpus)
@@ -209,6 +246,11 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
                                                            "cache_dtype": cache_dtype},
                          batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=1 if gpus else 0, num_cpus=1)
+    if qa:
+        rows = _write_answers(out, corpus, outputs)
+        say("predict", f"{fmt_count(rows)} questions answered from {source} by {len(runs)} task model(s) -> "
+                       f"{outputs[0] if len(outputs) == 1 else opts.output}")
+        return
     token = info["spec"]["task_type"] == "token_classification"
     names = ("tags", "scores") if token else ("label", "score")
 
@@ -223,7 +265,7 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
     if rows == 0:
         raise PredictError("no documents to label: the corpus is empty" +
                            (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))
-    if opts.cache and opts.corpus and rows < len(wanted):  # nothing is dropped silently
+    if opts.cache and corpus and rows < len(wanted):  # nothing is dropped silently
         say("predict", f"{fmt_count(len(wanted) - rows)} of the corpus's {fmt_count(len(wanted))} documents are not "
                        f"in the cache {opts.cache} and were not labelled")
     what = f"{len(runs)} task models in one pass" if len(runs) > 1 else "1 task model"
@@ -231,23 +273,50 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
                    f"{outputs[0] if len(outputs) == 1 else opts.output}")
 
 
-def _keep_ids(batch: pa.Table, wanted: pa.Array) -> pa.Table:
+def _write_answers(out, corpus, outputs: list[str]) -> int:
+    """Question answering: the windows' best spans (a few numbers each) gathered here, each question's best window
+    kept per run, its span cut from the question's context; OUTPUT's predictions.parquet holds id, answer and
+    score per question. Returns the questions answered."""
+    from .corpus import read_table
+
+    best: list[dict[str, tuple]] = [{} for _ in outputs]
+    for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        ids = b.column("id").to_pylist()
+        for r, runs_best in enumerate(best):
+            for q, s, e, sc in zip(ids, *(b.column(f"{c}_{r}").to_pylist() for c in ("start", "end", "score"))):
+                if q not in runs_best or sc > runs_best[q][2]:
+                    runs_best[q] = (s, e, sc)
+    context = {}
+    for f in corpus.files:
+        t = read_table(f).select([corpus.id_column, corpus.context_column])
+        context.update(zip((str(i) for i in t.column(0).to_pylist()), t.column(1).to_pylist()))
+    for runs_best, path in zip(best, outputs):
+        ids = list(runs_best)
+        storage.write_parquet(path, pa.table({
+            "id": pa.array(ids, pa.string()),
+            "answer": [context[q][runs_best[q][0]:runs_best[q][1]] if runs_best[q][2] > -np.inf else "" for q in ids],
+            "score": pa.array([runs_best[q][2] for q in ids], pa.float32())}))
+    return len(best[0])
+
+
+def _keep_ids(batch: pa.Table, wanted: pa.Array, key: str = "id") -> pa.Table:
     import pyarrow.compute as pc
 
-    return batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+    return batch.filter(pc.is_in(batch.column(key), value_set=wanted))
 
 
-def _read_files(batch: pa.Table, id_column: str, text_column: str) -> pa.Table:
-    """(Ray task) The named corpus files -> id (as strings) and text columns."""
+def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """(Ray task) The named corpus files -> id (as strings), text (and context) columns."""
     from .corpus import read_table
 
     out = []
     for file in batch.column("file").to_pylist():
         t = read_table(file)
-        missing = [c for c in (id_column, text_column) if c not in t.column_names]
+        missing = [c for c in columns if c not in t.column_names]
         if missing:
             raise PredictError(f"{file}: no column {missing[0]!r} (columns: {', '.join(t.column_names)}); "
-                               f"name it with --id-column / --text-column")
-        out.append(pa.table({"id": pa.array([str(x) for x in t.column(id_column).to_pylist()], pa.string()),
-                             "text": t.column(text_column)}))
+                               f"name it with --id-column / --text-column / --context-column")
+        out.append(pa.table({"id": pa.array([str(x) for x in t.column(columns[0]).to_pylist()], pa.string()),
+                             "text": t.column(columns[1]), **({"context": t.column(columns[2])}
+                                                              if len(columns) > 2 else {})}))
     return pa.concat_tables(out)

@@ -27,6 +27,12 @@ import numpy as np
 MAX_LENGTH = 384  # the SQuAD defaults of BERT's reference code and of transformers' examples
 STRIDE = 128
 MAX_ANSWER_TOKENS = 30
+
+
+def stride(max_length: int) -> int:
+    """The tokens consecutive windows share: 128 at SQuAD's 384, a third of shorter windows (the tokenizer refuses
+    a stride that leaves no room for new context)."""
+    return min(STRIDE, max_length // 3)
 N_BEST = 20
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,22 +144,19 @@ class Window:
 
 
 def windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], answer_starts: Sequence[int] | None = None,
-            answer_texts: Sequence[str] | None = None, max_length: int = MAX_LENGTH,
-            stride: int = STRIDE) -> list[Window]:
-    """The windows of question + context pairs (a fast tokenizer: it gives offsets), with their answer tokens
-    when answers are given."""
-    enc = tokenizer(list(questions), list(contexts), truncation="only_second", max_length=max_length, stride=stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
-    out, seen = [], Counter()
-    for w in range(len(enc["input_ids"])):
-        q = enc["overflow_to_sample_mapping"][w]
-        sequence = enc.sequence_ids(w)
-        offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], sequence)]
-        win = Window(q, seen[q], enc["input_ids"][w], offsets)
-        seen[q] += 1
-        if answer_starts is not None:
-            win.start, win.end = answer_tokens(offsets, answer_starts[q], answer_starts[q] + len(answer_texts[q]))
-        out.append(win)
+            answer_texts: Sequence[str] | None = None) -> list[Window]:
+    """The windows of question + context pairs, with their answer tokens when answers are given. `tokenizer`:
+    `er_ray.tokenizer.qa_tokenizer_for(folder, max_length, stride)`, the Rust tokenizer set to cut the context
+    only, into windows of max_length tokens overlapping by stride (what transformers' fast tokenizers do with
+    `return_overflowing_tokens=True`; the cache's windows and a text run's are the same)."""
+    out = []
+    for q, enc in enumerate(tokenizer.encode_batch(list(zip(questions, contexts)))):
+        for w, part in enumerate([enc] + enc.overflowing):
+            offsets = [tuple(o) if s == 1 else None for o, s in zip(part.offsets, part.sequence_ids)]
+            win = Window(q, w, part.ids, offsets)
+            if answer_starts is not None:
+                win.start, win.end = answer_tokens(offsets, answer_starts[q], answer_starts[q] + len(answer_texts[q]))
+            out.append(win)
     return out
 
 
@@ -172,23 +175,47 @@ def answer_tokens(offsets: Sequence[tuple[int, int] | None], start_char: int, en
 # Decoding
 
 
+def window_span(start_logits: np.ndarray, end_logits: np.ndarray, offsets: Sequence[tuple[int, int] | None],
+                n_best: int = N_BEST, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> tuple[int, int, float]:
+    """One window's best span: the (first, end) context characters and score (start + end logit) of the best pair
+    of its n best starts and ends that is a context span, start <= end, at most `max_answer_tokens` long; (0, 0,
+    -inf) if none. A question's answer is its windows' best (a window's best is the best of the union's that lies
+    in it), so windows can be decoded apart and the best kept."""
+    s_log, e_log = np.asarray(start_logits), np.asarray(end_logits)
+    best = (0, 0, -np.inf)
+    for s in np.argsort(s_log)[::-1][:n_best]:
+        if offsets[s] is None:
+            continue
+        for e in np.argsort(e_log)[::-1][:n_best]:
+            if offsets[e] is None or e < s or e - s + 1 > max_answer_tokens:
+                continue
+            if s_log[s] + e_log[e] > best[2]:
+                best = (offsets[s][0], offsets[e][1], float(s_log[s] + e_log[e]))
+    return best
+
+
 def best_span(start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],
               offsets: Sequence[Sequence[tuple[int, int] | None]], context: str, n_best: int = N_BEST,
               max_answer_tokens: int = MAX_ANSWER_TOKENS) -> tuple[str, float]:
-    """The answer to one question from its windows' start and end logits: the best-scoring (start + end) span of
-    context tokens, start <= end, at most `max_answer_tokens` long, over all windows; ("", -inf) if none."""
-    best, score = (0, 0), -np.inf
-    for s_log, e_log, offs in zip(start_logits, end_logits, offsets):
-        s_log, e_log = np.asarray(s_log), np.asarray(e_log)
-        for s in np.argsort(s_log)[::-1][:n_best]:
-            if offs[s] is None:
-                continue
-            for e in np.argsort(e_log)[::-1][:n_best]:
-                if offs[e] is None or e < s or e - s + 1 > max_answer_tokens:
-                    continue
-                if s_log[s] + e_log[e] > score:
-                    score, best = float(s_log[s] + e_log[e]), (offs[s][0], offs[e][1])
-    return (context[best[0]:best[1]], score) if score > -np.inf else ("", score)
+    """The answer to one question from its windows' start and end logits: the best window span (`window_span`)
+    over all windows, as text; ("", -inf) if none."""
+    first, end, score = max((window_span(s, e, o, n_best, max_answer_tokens)
+                             for s, e, o in zip(start_logits, end_logits, offsets)), key=lambda b: b[2])
+    return (context[first:end], score) if score > -np.inf else ("", score)
+
+
+def score_windows(windows: Sequence[tuple]) -> dict[str, float]:
+    """Exact match and F1 (fractions, not percent: every er_ray metric is) of the answers decoded from windows
+    given as (question id, offsets, context, reference answers, start logits, end logits), in any order."""
+    by_question: dict[str, list[tuple]] = {}
+    for w in windows:
+        by_question.setdefault(w[0], []).append(w)
+    predictions, references = {}, {}
+    for qid, ws in by_question.items():
+        predictions[qid] = best_span([w[4] for w in ws], [w[5] for w in ws], [w[1] for w in ws], ws[0][2])[0]
+        references[qid] = ws[0][3]
+    scores = squad_scores(predictions, references)
+    return {"f1": scores["f1"] / 100, "exact_match": scores["exact_match"] / 100, "examples": scores["questions"]}
 
 
 def answers(wins: Sequence[Window], start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],

@@ -24,16 +24,23 @@ from .batching import length_batches, pad_rows
 from .cache import CacheError, CacheMismatch, layer_dir
 from .codec import decode_rows, encode_hidden, quantize, to_arrow
 from .corpus import DataError, bad_text, doc_sha256, read_rows
-from .tokenizer import tokenizer_for
+from .tokenizer import qa_tokenizer_for, tokenizer_for
+
+
+# What a shard keeps beside the states: words of token classification, windows of question answering.
+EXTRA_COLUMNS = ("word_ids", "question_id", "offset_start", "offset_end")
 
 
 def tokenize_shard(batch: pa.Table, *, folder: str, max_length: int, id_column: str, text_column: str,
-                   token_classification: bool, skip_bad_rows: bool) -> pa.Table:
-    """Stage 1 (CPU task): read one planned shard's documents, validate and tokenize them (no padding)."""
+                   token_classification: bool, skip_bad_rows: bool, context_column: str | None = None) -> pa.Table:
+    """Stage 1 (CPU task): read one planned shard's documents, validate and tokenize them (no padding); question
+    + context pairs become their windows (`er_ray.qa.windows`), a row each."""
     out = []
     for plan in batch.to_pylist():
-        docs = read_rows(plan["file"], plan["rows"], [id_column, text_column])
+        docs = read_rows(plan["file"], plan["rows"], [id_column, text_column] + [context_column] * bool(context_column))
         texts = docs.column(text_column).to_pylist()
+        if context_column:
+            texts = list(zip(texts, docs.column(context_column).to_pylist()))
         assert [str(i) for i in docs.column(id_column).to_pylist()] == plan["ids"], "corpus changed under the run"
         good, skipped = [], []
         for row, (doc_id, text) in enumerate(zip(plan["ids"], texts)):
@@ -46,30 +53,49 @@ def tokenize_shard(batch: pa.Table, *, folder: str, max_length: int, id_column: 
                 skipped.append({"id": doc_id, "reason": problem})
             else:
                 good.append(row)
-        # The Rust tokenizer itself: a worker imports it in milliseconds, where `transformers` costs seconds in
-        # every tokenizing process and slowed the start of the encoder actors (same tokenizer.json, same ids).
-        encs = tokenizer_for(folder, max_length).encode_batch([texts[r] for r in good],
-                                                          is_pretokenized=token_classification)
-        truncated = [bool(e.overflowing) for e in encs]
-        input_ids = [e.ids for e in encs]
-        word_ids = ([[-1 if w is None else w for w in e.word_ids] for e in encs] if token_classification else None)
-        hashes = [doc_sha256(plan["ids"][r], texts[r]) for r in good]
-        n = len(good)
-        cols = {"shard": [plan["shard"]] * n, "id": [plan["ids"][r] for r in good],
-                "input_ids": pa.array(input_ids, pa.list_(pa.int32())), "truncated": truncated,
-                "doc_sha256": hashes, "planned": [len(plan["ids"])] * n,
-                "skipped": [json.dumps(skipped)] * n}
-        if word_ids is not None:
-            cols["word_ids"] = pa.array(word_ids, pa.list_(pa.int32()))
+        if context_column:
+            cols = _windows(folder, max_length, [plan["ids"][r] for r in good], [texts[r] for r in good])
+        else:
+            cols = _documents(folder, max_length, [plan["ids"][r] for r in good], [texts[r] for r in good],
+                              token_classification)
+        n = len(cols["id"])
+        cols.update(shard=[plan["shard"]] * n, planned=[len(plan["ids"])] * n, skipped=[json.dumps(skipped)] * n)
         if n == 0:  # a shard whose every document was skipped still reports, as one marker row
-            cols = {k: [None] if k != "shard" else [plan["shard"]] for k in cols}
-            cols["skipped"] = [json.dumps(skipped)]
-            cols["planned"] = [len(plan["ids"])]
-            cols["input_ids"] = pa.array([None], pa.list_(pa.int32()))
-            if word_ids is not None:
-                cols["word_ids"] = pa.array([None], pa.list_(pa.int32()))
+            cols = {k: pa.nulls(1, v.type) if isinstance(v, pa.Array) else [None] for k, v in cols.items()}
+            cols.update(shard=[plan["shard"]], planned=[len(plan["ids"])], skipped=[json.dumps(skipped)])
         out.append(pa.table(cols))
     return pa.concat_tables(out)
+
+
+def _documents(folder: str, max_length: int, ids: list[str], texts: list, token_classification: bool) -> dict:
+    # The Rust tokenizer itself: a worker imports it in milliseconds, where `transformers` costs seconds in
+    # every tokenizing process and slowed the start of the encoder actors (same tokenizer.json, same ids).
+    encs = tokenizer_for(folder, max_length).encode_batch(texts, is_pretokenized=token_classification)
+    cols = {"id": ids, "input_ids": pa.array([e.ids for e in encs], pa.list_(pa.int32())),
+            "truncated": [bool(e.overflowing) for e in encs],
+            "doc_sha256": [doc_sha256(i, t) for i, t in zip(ids, texts)]}
+    if token_classification:
+        cols["word_ids"] = pa.array([[-1 if w is None else w for w in e.word_ids] for e in encs],
+                                    pa.list_(pa.int32()))
+    return cols
+
+
+def _windows(folder: str, max_length: int, ids: list[str], pairs: list[tuple[str, str]]) -> dict:
+    """Question answering: a row per window of each (question, context) pair, with the context characters of
+    each token (-1 outside the context). Nothing is truncated: the windows cover the whole context."""
+    from . import qa
+
+    wins = qa.windows(qa_tokenizer_for(folder, max_length, qa.stride(max_length)), [q for q, _ in pairs],
+                      [c for _, c in pairs])
+    hashes = [doc_sha256(i, t) for i, t in zip(ids, pairs)]
+    return {"id": [f"{ids[w.question]}#{w.index}" for w in wins],
+            "question_id": [ids[w.question] for w in wins],
+            "input_ids": pa.array([w.input_ids for w in wins], pa.list_(pa.int32())),
+            "offset_start": pa.array([[-1 if o is None else o[0] for o in w.offsets] for w in wins],
+                                     pa.list_(pa.int32())),
+            "offset_end": pa.array([[-1 if o is None else o[1] for o in w.offsets] for w in wins],
+                                   pa.list_(pa.int32())),
+            "truncated": [False] * len(wins), "doc_sha256": [hashes[w.question] for w in wins]}
 
 
 class ShardEncoder:
@@ -141,8 +167,9 @@ class ShardEncoder:
         skipped = json.loads(t.column("skipped")[0].as_py())
         if t.column("id")[0].as_py() is None:
             t = t.slice(0, 0)
-        if t.num_rows + len(skipped) != planned:  # a block boundary split a shard: never write a partial one
-            raise CacheError(f"shard {shard}: got {t.num_rows} + {len(skipped)} skipped of {planned} rows")
+        docs = len(set(t.column("question_id").to_pylist())) if "question_id" in t.column_names else t.num_rows
+        if docs + len(skipped) != planned:  # a block boundary split a shard: never write a partial one
+            raise CacheError(f"shard {shard}: got {docs} + {len(skipped)} skipped of {planned} documents")
         t0 = time.perf_counter()
         seqs = [np.asarray(x, np.int64) for x in t.column("input_ids").to_pylist()]
         order, states = self._run(seqs, lambda ids, mask: self.part(ids, mask, cut_layers=tuple(self.cut_layers)),
@@ -181,7 +208,7 @@ class ShardEncoder:
         src = storage.read_parquet(plan["source"])
         inputs = decode_rows(src, plan["dtype"], self.enc.hidden_size)
         order, states = self._run(inputs, self.part, pad_value=0.0)
-        keep = ["id"] + (["word_ids"] if "word_ids" in src.column_names else [])
+        keep = ["id"] + [c for c in EXTRA_COLUMNS if c in src.column_names]
         t = src.select(keep).take(pa.array(order, pa.int64()))
         lengths = np.array([len(inputs[i]) for i in order], np.int64)
         k = self.cut_layers[0]
@@ -198,12 +225,12 @@ class ShardEncoder:
         cols = {"id": t.column("id"), "length": pa.array(lengths.astype(np.int32)),
                 **(to_arrow(states, lengths, self.dtype, self.enc.hidden_size) if len(lengths) else
                    encode_hidden([], self.dtype, self.enc.hidden_size))}
-        if "word_ids" in t.column_names:
-            cols["word_ids"] = t.column("word_ids")
+        cols.update({c: t.column(c) for c in EXTRA_COLUMNS if c in t.column_names})
         table = pa.table(cols)
         sink = pa.BufferOutputStream()
         # No dictionary and no statistics for the activations (they cost time and say nothing).
-        pq.write_table(table, sink, compression=self.compression, use_dictionary=["id"],
+        pq.write_table(table, sink, compression=self.compression,
+                       use_dictionary=[c for c in ("id", "question_id") if c in table.column_names],
                        write_statistics=["id", "length"])
         data = sink.getvalue()
         storage.write_bytes(storage.join(layer_dir(self.root, k), shard), data)
@@ -216,7 +243,8 @@ class ShardEncoder:
         self.m_bytes.inc(size, tags)
         self.m_tps.set(tokens / max(seconds, 1e-9), tags)
         if docs_sha256 is None:
-            docs = t.column("doc_sha256").to_pylist() if t.num_rows else []
+            # one hash per document (a question's windows share theirs): what stale_shards recomputes from the corpus
+            docs = set(t.column("doc_sha256").to_pylist()) if t.num_rows else set()
             docs_sha256 = hashlib.sha256("".join(sorted(docs)).encode()).hexdigest()
         if truncated is None:
             truncated = int(sum(t.column("truncated").to_pylist())) if t.num_rows else 0

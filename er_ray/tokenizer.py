@@ -45,14 +45,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 
-_TOKENIZERS: dict[tuple[str, int], Any] = {}
+_TOKENIZERS: dict[tuple, Any] = {}
 
 
 def tokenizer_for(folder: str, max_length: int):
-    if (folder, max_length) not in _TOKENIZERS:  # once per worker process
+    """The Rust tokenizer, no padding, cut at max_length (once per worker process)."""
+    if (folder, max_length) not in _TOKENIZERS:
         tok = fast_tokenizer(folder)
         tok.no_padding()
         tok.enable_truncation(max_length)
         _TOKENIZERS[folder, max_length] = tok
     return _TOKENIZERS[folder, max_length]
 
+
+def qa_tokenizer_for(folder: str, max_length: int, stride: int):
+    """The Rust tokenizer for question + context pairs: the context (only) cut into windows of max_length tokens
+    that overlap by `stride`; each encoding's `overflowing` holds the windows after its first (er_ray.qa.windows)."""
+    if (folder, max_length, stride) not in _TOKENIZERS:
+        tok = fast_tokenizer(folder)
+        tok.no_padding()
+        tok.enable_truncation(max_length, stride=stride, strategy="only_second")
+        _TOKENIZERS[folder, max_length, stride] = tok
+    return _TOKENIZERS[folder, max_length, stride]

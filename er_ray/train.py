@@ -16,6 +16,7 @@ import json
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ def _run_data(opts: TrainOptions, task, fp: dict[str, Any], k: int, source: str)
     from .train_data import split_datasets
 
     cache_obj = open_run_cache(opts, task, fp, k) if source == "cache" else None
-    data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed)
+    data = split_datasets(task, cache_obj, source, opts.max_train_examples, opts.seed,
+                          tokenizer=(fp["folder"], opts.max_length))
     return dict(data, cache_dtype=cache_obj.manifest.dtype if cache_obj else None)
 
 
@@ -122,19 +124,22 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
     data = data or _run_data(opts, task, fp, k, source)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
-    token = task.type == "token_classification"
     spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size, "task_type": task.type,
             "num_labels": len(task.labels), "pooling": pooling_of(Path(fp["folder"])), "source": source,
             "full_finetune": opts.full_finetune}
     name = name or run_name(opts, task.name, fp["num_layers"], task.type)
     config = LoopConfig(run=name, task=task.name, model=opts.model, spec=spec, labels=task.labels,
-                        metric="span_f1" if token else "accuracy", learning_rate=opts.lr(task.type), epochs=opts.epochs,
+                        metric=METRICS[task.type], learning_rate=opts.lr(task.type), epochs=opts.epochs,
                         patience=opts.patience, batch_size=opts.batch_size, zero_stage=opts.zero_stage,
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
                         max_train_examples=opts.max_train_examples)
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
+
+
+# The dev metric each task type is judged and early-stopped by (question answering: SQuAD's F1, as a fraction)
+METRICS = {"classification": "accuracy", "token_classification": "span_f1", "question_answering": "f1"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,9 +158,11 @@ def _resources(opts: TrainOptions, concurrent_workers: int) -> tuple[float, int 
     return per, threads, gpus > 0
 
 
-def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, callbacks=None) -> dict[str, Any]:
+def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, callbacks=None,
+            before: dict[str, float] | None = None) -> dict[str, Any]:
     """One TorchTrainer run; returns metrics.json's content and writes the run's outputs under OUTPUT/runs/.
-    `callbacks`: Ray Train callbacks (default: each epoch told on this process's console)."""
+    `callbacks`: Ray Train callbacks (default: each epoch told on this process's console). `before`: the seconds
+    the run's command spent before it (starting Ray, reading its data): the first entries of its timeline."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -186,6 +193,7 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
         datasets=plan["datasets"])
     rows = ", ".join(f"{s} {fmt_count(n)}" for s, n in plan["rows"].items())
     say("train", f"{plan['name']}: {rows} examples; {opts.workers} worker(s) x {per:.2f} CPU, {precision}")
+    fit_started = time.time()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -200,13 +208,38 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     if result.error:
         raise TrainError(f"{plan['name']} failed: {result.error}")
     out = storage.join(opts.output, "runs", plan["name"])
-    metrics = publish_run(result.checkpoint, out)
+    metrics = publish_run(result.checkpoint, out, amend=lambda m: complete_timeline(m, before or {}, fit_started))
     if metrics is None:
         raise TrainError(f"{plan['name']}: the last checkpoint has no metrics.json")
     LiveMetrics(config).final(metrics)
     say("train", f"{plan['name']}: dev {metrics['metric']} {fmt_score(metrics['dev'])}, test "
                  f"{fmt_score(metrics['test'])}, {fmt_seconds(metrics['seconds_per_epoch'])} per epoch -> {out}")
+    say("train", f"{plan['name']}: {fmt_timeline(metrics['timeline'])}")
     return metrics
+
+
+# The phases of a run, in order: what the driver spent before Ray Train (Ray, the data), Ray Train starting the
+# worker group, the worker's setup, its epochs (training, dev evaluation, checkpoints), its finish (test, export)
+# and the driver's publishing (the last report, Ray Train's shutdown, copying the model out).
+PHASES = {"ray_start": "Ray", "data": "data", "workers_start": "workers", "model_setup": "model setup",
+          "train": "training", "evaluate": "dev", "checkpoint": "checkpoints", "finish": "test+export",
+          "publish": "publish"}
+
+
+def complete_timeline(metrics: dict[str, Any], before: dict[str, float], fit_started: float) -> None:
+    """Add the driver's phases to the worker's timeline in metrics.json, and its total. (Wall clocks of two
+    processes, maybe two nodes: a phase across them is as good as the nodes' clocks agree, well under a second.)"""
+    worker = metrics.get("timeline", {})
+    now = time.time()
+    metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
+                           "workers_start": max(0.0, metrics["started_at"] - fit_started), **worker,
+                           "publish": max(0.0, now - metrics["finished_at"])}
+    metrics["timeline"]["total"] = sum(before.values()) + now - fit_started
+
+
+def fmt_timeline(timeline: dict[str, float]) -> str:
+    parts = [f"{label} {fmt_seconds(timeline[k])}" for k, label in PHASES.items() if k in timeline]
+    return f"{fmt_seconds(timeline['total'])} in all: " + ", ".join(parts)
 
 
 # Ray Train waits for a worker group 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S), then its controller retries,
@@ -248,11 +281,12 @@ def _start_afresh_if_changed(ray_dir: str, config: LoopConfig) -> None:
     storage.write_json(settings, key)
 
 
-def publish_run(checkpoint, out: str) -> dict[str, Any] | None:
+def publish_run(checkpoint, out: str, amend=None) -> dict[str, Any] | None:
     """A finished run's model/ and metrics.json, from its last checkpoint (a `ray.train.Checkpoint`), to the
     location `out` (local or remote), replacing what was there; returns the metrics, or None if the checkpoint
     is not a finished run's. metrics.json is the commit point readers check: it goes first and comes back last,
-    so a reader never takes a half-written model/ for a run (no rename needed, as on object stores)."""
+    so a reader never takes a half-written model/ for a run (no rename needed, as on object stores). `amend`
+    changes the metrics in place before they are written."""
     with checkpoint.as_directory() as d:
         if not os.path.exists(os.path.join(d, "metrics.json")):
             return None
@@ -260,6 +294,8 @@ def publish_run(checkpoint, out: str) -> dict[str, Any] | None:
         storage.delete(out)
         storage.upload(os.path.join(d, "model"), storage.join(out, "model"))
         metrics = json.loads(Path(d, "metrics.json").read_text())
+    if amend is not None:
+        amend(metrics)
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     return metrics
 
@@ -305,8 +341,14 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
             results[i] = finished
         else:
             todo.append(i)
+    t = time.time()
     connect()
-    plans = {i: plan_run(runs[i][0], runs[i][1], checked=layouts[i]) for i in todo}
+    ray_start = time.time() - t  # nothing when this process's Ray is already up (a study's second verb)
+    plans, before = {}, {}
+    for i in todo:
+        t = time.time()
+        plans[i] = plan_run(runs[i][0], runs[i][1], checked=layouts[i])
+        before[i] = {"ray_start": ray_start, "data": time.time() - t}
     width = min(len(todo), max_concurrent or len(todo)) or 1
     gate = threading.Semaphore(width)
     errors: dict[str, BaseException] = {}
@@ -315,7 +357,7 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
         opts = runs[i][0]
         with gate:
             try:
-                results[i] = fit_run(plans[i], opts, concurrent_workers=width * opts.workers)
+                results[i] = fit_run(plans[i], opts, concurrent_workers=width * opts.workers, before=before[i])
             except BaseException as e:  # reported after the others finish: one failed task does not lose the rest
                 errors[plans[i]["name"]] = e
 

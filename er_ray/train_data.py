@@ -35,7 +35,9 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
                                       local_shuffle_buffer_size=batch_size * 32 if rng is not None else None,
                                       local_shuffle_seed=shuffle_seed):
         n = chunk.num_rows
-        if spec["source"] == "cache":
+        if spec["task_type"] == "question_answering":
+            rows, labels, wids = _qa_rows(chunk, spec)
+        elif spec["source"] == "cache":
             rows = decode_rows(chunk, spec["cache_dtype"], spec["hidden"])
         else:
             words = chunk.column("text").to_pylist()
@@ -46,7 +48,7 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
             wids = (chunk.column("word_ids").to_pylist() if spec["source"] == "cache"
                     else [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(n)])
             labels = chunk.column("label").to_pylist()
-        else:
+        elif spec["task_type"] == "classification":
             wids, labels = None, chunk.column("label").to_pylist()
         groups = length_batches([len(r) for r in rows], batch_size)
         if rng is not None:
@@ -54,9 +56,9 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
         for g in groups:
             x, mask = pad_rows([rows[i] for i in g], spec["pad_id"] if spec["source"] == "text" else 0)
             T = mask.shape[1]
-            if wids is None:
+            if wids is None or spec["task_type"] == "question_answering":  # a class, or a span's start and end
                 y = torch.tensor([labels[i] for i in g])
-                w = None
+                w = None if wids is None else [wids[i] for i in g]
             else:
                 y = torch.full((len(g), T), IGNORE, dtype=torch.long)
                 for j, i in enumerate(g):
@@ -65,12 +67,64 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
             yield torch.from_numpy(x), torch.from_numpy(mask), y, w
 
 
+def _qa_rows(chunk: pa.Table, spec: dict) -> tuple[list[np.ndarray], list[tuple[int, int]], list[tuple]]:
+    """Question answering: a chunk's windows as model inputs, each with its answer's first and last token (0, 0
+    where it does not hold the whole answer) and what decoding needs: (question id, offsets, context, reference
+    answers), the last two only where the rows carry them (dev, test)."""
+    from . import qa
+    from .codec import decode_rows
+
+    labels = chunk.column("label").to_pylist()  # the answer's [first character, end character)
+    context = chunk.column("context").to_pylist() if "context" in chunk.column_names else [None] * chunk.num_rows
+    refs = chunk.column("answers").to_pylist() if "answers" in chunk.column_names else [None] * chunk.num_rows
+    # a row per window: cached states, or token ids (cut on the driver, `_text_windows`)
+    rows = decode_rows(chunk, spec["cache_dtype"], spec["hidden"]) if spec["source"] == "cache" else \
+        [np.asarray(x, np.int64) for x in chunk.column("input_ids").to_pylist()]
+    offsets = [[None if a < 0 else (a, b) for a, b in zip(s, e)] for s, e in
+               zip(chunk.column("offset_start").to_pylist(), chunk.column("offset_end").to_pylist())]
+    spans = [qa.answer_tokens(o, *y) for o, y in zip(offsets, labels)]
+    return rows, spans, list(zip(chunk.column("question_id").to_pylist(), offsets, context, refs))
+
+
+class KeptShard:
+    """A worker's dev or test shard, kept in its memory after one whole pass (up to `limit` bytes of Arrow
+    batches): evaluating after every epoch then reads it from there, instead of a new pass through Ray Data's
+    streaming split (a new execution, coordinated across workers, every epoch). Takes iter_batches's arguments."""
+
+    def __init__(self, shard, limit: int = 1 << 30):
+        self.shard, self.limit, self.kept = shard, limit, None
+
+    def forget(self) -> None:
+        """Hold nothing, now and later: every pass reads the shard."""
+        self.kept, self.limit = None, -1
+
+    def iter_batches(self, **kwargs):
+        if self.kept is not None and self.kept[0] == kwargs:
+            yield from self.kept[1]
+            return
+        kept: list | None = []
+        size = 0
+        for b in self.shard.iter_batches(**kwargs):
+            size += b.nbytes
+            if kept is not None and size > self.limit:
+                kept = None  # too big to hold: every pass reads the shard
+            elif kept is not None:
+                kept.append(b)
+            yield b
+        if kept is not None:  # a whole pass (an abandoned one ends before this line)
+            self.kept = (kwargs, kept)
+
+
 def _label_index(task) -> dict[str, Any]:
-    """id -> label index (classification) or list of tag indices (token classification), per split."""
+    """id -> label index (classification), list of tag indices (token classification) or the answer's [first,
+    end) characters in its context (question answering), per split."""
     index = {y: i for i, y in enumerate(task.labels)}
     out = {}
     for split, t in task.splits.items():
-        if task.type == "classification":
+        if task.type == "question_answering":
+            out[split] = {i: [s, s + len(a)] for i, s, a in zip(*(t.column(n).to_pylist() for n in
+                                                                  ("id", "answer_start", "answer_text")))}
+        elif task.type == "classification":
             out[split] = dict(zip(t.column("id").to_pylist(), (index[y] for y in t.column("label").to_pylist())))
         else:
             out[split] = dict(zip(t.column("id").to_pylist(),
@@ -78,17 +132,28 @@ def _label_index(task) -> dict[str, Any]:
     return out
 
 
-def _attach_labels(batch: pa.Table, labels: dict[str, dict[str, Any]], token: bool) -> pa.Table:
-    """Keep the rows that a split labels, with `split` and `label` columns (a document in two splits is kept twice)."""
-    ids = batch.column("id").to_pylist()
+def _attach_labels(batch: pa.Table, labels: dict[str, dict[str, Any]], kind: str,
+                   references: dict[str, tuple[str, list[str]]] | None = None) -> pa.Table:
+    """Keep the rows that a split labels, with `split` and `label` columns (a document in two splits is kept twice).
+    Question answering: rows are windows, labelled by their question (its answer's characters); dev and test
+    windows also get their question's context and reference answers (`references`), which decoding and scoring
+    need."""
+    key = "question_id" if "question_id" in batch.column_names else "id"
+    ids = batch.column(key).to_pylist()
     keep, split, ys = [], [], []
     for name, lab in labels.items():
         for i, x in enumerate(ids):
             if x in lab:
                 keep.append(i), split.append(name), ys.append(lab[x])
     batch = batch.take(pa.array(keep, pa.int64()))
-    return (batch.append_column("split", pa.array(split, pa.string()))
-            .append_column("label", pa.array(ys, pa.list_(pa.int32()) if token else pa.int32())))
+    batch = (batch.append_column("split", pa.array(split, pa.string()))
+             .append_column("label", pa.array(ys, pa.int32() if kind == "classification" else pa.list_(pa.int32()))))
+    if references is not None:
+        refs = [references.get(ids[i]) if s != "train" else None for i, s in zip(keep, split)]
+        for j, (name, typ) in enumerate((("context", pa.string()), ("answers", pa.list_(pa.string())))):
+            if name not in batch.column_names:
+                batch = batch.append_column(name, pa.array([r and r[j] for r in refs], typ))
+    return batch
 
 
 def _select_split(batch: pa.Table, split: str) -> pa.Table:
@@ -97,25 +162,52 @@ def _select_split(batch: pa.Table, split: str) -> pa.Table:
     return batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
 
 
-def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
+def _references(task) -> dict[str, tuple[str, list[str]]]:
+    """Question answering: each dev and test question's context and reference answers, by its id."""
+    return {i: (c, a) for s in ("dev", "test") if s in task.splits for i, c, a in
+            zip(*(task.splits[s].column(n).to_pylist() for n in ("id", "context", "answers")))}
+
+
+def _documents_in(ds, qa: bool) -> int:
+    """Documents in a split's dataset: its rows, or for question answering the questions of its windows."""
+    return len(ds.unique("question_id")) if qa and "question_id" in ds.columns() else ds.count()
+
+
+DRIVER_READ_BYTES = 1 << 30  # caches up to 1 GiB on disk are read by the driver; larger ones by Ray Data
+
+
+def driver_read_bytes() -> int:
+    """The largest cache (bytes on disk) a run reads on its driver; ER_RAY_DRIVER_READ_BYTES overrides (0: always
+    Ray Data, as on a cluster whose driver node is small)."""
+    import os
+
+    return int(os.environ.get("ER_RAY_DRIVER_READ_BYTES", DRIVER_READ_BYTES))
+
+
+def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int,
+                   tokenizer: tuple[str, int] | None = None) -> dict[str, Any]:
     """Ray Datasets per split: cache rows (or texts) of the split's documents with their labels, materialized.
     (Quietly: these few small reads would print Ray Data's progress lines every few seconds, per task.)
 
     In the cache's order: Ray Data otherwise keeps blocks in the order its read tasks happen to finish, and the
     seeded shuffle of a run's batches then starts from a different order every time (one seed gave test 0.9210,
-    0.9154 and 0.9081 on TREC). A Dataset keeps the context it was made in, so the flag is set before the reads."""
+    0.9154 and 0.9081 on TREC). A Dataset keeps the context it was made in, so the flag is set before the reads.
+
+    `tokenizer`: (model folder, max length), with which question answering texts are cut into windows here (as the
+    cache's are), so that every split is counted in the windows the loop steps through."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        return _split_datasets(task, cache_obj, source, max_train, seed)
+        return _split_datasets(task, cache_obj, source, max_train, seed, tokenizer)
     finally:
         ctx.enable_progress_bars, ctx.execution_options.preserve_order = shown, ordered
 
 
-def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int) -> dict[str, Any]:
+def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int,
+                    tokenizer: tuple[str, int] | None) -> dict[str, Any]:
     import ray.data
 
     labels = _label_index(task)
@@ -123,25 +215,62 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
         rng = np.random.default_rng(seed)
         keep = sorted(str(i) for i in rng.choice(sorted(labels["train"]), size=max_train, replace=False))
         labels["train"] = {k: labels["train"][k] for k in keep}
-    token = task.type == "token_classification"
+    qa = task.type == "question_answering"
+    refs = _references(task) if qa else None
+    label_args = {"labels": labels, "kind": task.type, "references": refs}
     if source == "cache":
-        # One read of the cache for all splits (decompressing every shard's states is the expensive part), then
-        # each split is cut from the small materialized result.
         cols = ["id", "length", "hidden"] + (["scale"] if cache_obj.manifest.dtype == "int8" else []) + \
-               (["word_ids"] if token else [])
-        labelled = cache_obj.dataset(columns=cols).map_batches(
-            _attach_labels, fn_kwargs={"labels": labels, "token": token}, batch_format="pyarrow",
-            num_cpus=0.25).materialize()
+               (["word_ids"] if task.type == "token_classification" else []) + \
+               (["question_id", "offset_start", "offset_end"] if qa else [])
+        if cache_obj.manifest.bytes <= driver_read_bytes():
+            # A small cache is read here, in one filtered pass (the task's ids): Ray Data's read tasks would first
+            # start cold worker processes, 10-15 s of a small run (BENCHMARKS.md, the fixed cost of one run).
+            rows = cache_obj.read_ids(set().union(*labels.values()), cols, key="question_id" if qa else "id")
+            labelled = _attach_labels(rows, **label_args)
+            out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
+        else:
+            # One distributed read of the cache for all splits (decompressing every shard's states is the expensive
+            # part), then each split is cut from the small materialized result.
+            labelled = cache_obj.dataset(columns=cols).map_batches(
+                _attach_labels, fn_kwargs=label_args, batch_format="pyarrow", num_cpus=0.25).materialize()
+            out = {split: labelled.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pyarrow",
+                                               num_cpus=0.25).materialize() for split in labels}
+    elif qa:
+        labelled = _attach_labels(_text_windows(task, labels, *tokenizer), **label_args)
+        out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
     else:
         texts = pa.concat_tables(task.splits[s].select(["id", task.input_column]).rename_columns(["id", "text"])
                                  for s in labels)
-        labelled = ray.data.from_arrow(_attach_labels(texts, labels, token)).materialize()
-    out = {split: labelled.map_batches(_select_split, fn_kwargs={"split": split}, batch_format="pyarrow",
-                                       num_cpus=0.25).materialize() for split in labels}
-    if any(out[split].count() < len(lab) for split, lab in labels.items()):
+        labelled = _attach_labels(texts, **label_args)
+        out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
+    if any(_documents_in(out[split], qa) < len(lab) for split, lab in labels.items()):
         # only a cache can lack documents; name them (reading all its ids is fine on this error path)
-        have = set(cache_obj.ids())
+        have = set(cache_obj.ids(documents=True))
         missing = [i for split in labels.values() for i in split if i not in have]
         raise TrainDataError(f"task {task.name}: {len(missing):,} of its documents are missing from the cache "
                          f"{cache_obj.path} (e.g. {missing[0]!r}); build the cache over the task's corpus")
-    return {"datasets": out, "rows": {s: len(v) for s, v in labels.items()}}
+    # What a worker steps through: documents, or question answering's windows (the learning rate's schedule is
+    # planned in them: counted in questions, it reached zero a third into the run)
+    rows = {s: out[s].count() if qa else len(v) for s, v in labels.items()}
+    return {"datasets": out, "rows": rows}
+
+
+def _text_windows(task, labels: dict[str, dict], folder: str, max_length: int) -> pa.Table:
+    """Question answering from text: the labelled questions cut into windows, as the cache's rows (token ids in
+    place of states)."""
+    from . import qa
+    from .tokenizer import qa_tokenizer_for
+
+    wanted = set().union(*labels.values())
+    t = pa.concat_tables(task.splits[s].select(["id", "question", "context"]) for s in labels)
+    t = t.filter(pa.array([i in wanted for i in t.column("id").to_pylist()]))
+    ids = t.column("id").to_pylist()
+    wins = qa.windows(qa_tokenizer_for(folder, max_length, qa.stride(max_length)), t.column("question").to_pylist(),
+                      t.column("context").to_pylist())
+    return pa.table({"id": [f"{ids[w.question]}#{w.index}" for w in wins],
+                     "question_id": [ids[w.question] for w in wins],
+                     "input_ids": pa.array([w.input_ids for w in wins], pa.list_(pa.int32())),
+                     "offset_start": pa.array([[-1 if o is None else o[0] for o in w.offsets] for w in wins],
+                                              pa.list_(pa.int32())),
+                     "offset_end": pa.array([[-1 if o is None else o[1] for o in w.offsets] for w in wins],
+                                            pa.list_(pa.int32()))})

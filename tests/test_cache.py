@@ -88,6 +88,19 @@ def test_rows_ids_manifest_and_plain_pyarrow(fp32_cache, corpus, minilm):
     assert np.array_equal(flat, ref)
 
 
+def test_read_ids_keeps_the_wanted_rows_in_the_caches_order(fp32_cache, corpus):
+    """A small task's rows are read on the driver in one filtered pass (no Ray Data tasks to start)."""
+    out, _ = fp32_cache
+    c = open_cache(out, 3)
+    every = c.read(["id", "length"])
+    ids = every.column("id").to_pylist()
+    want = set(ids[::3]) | {"not-in-the-cache"}
+    got = c.read_ids(want, ["id", "length"])
+    assert got.column("id").to_pylist() == [i for i in ids if i in want]  # the manifest's shard order, no strays
+    assert got.column("length").to_pylist() == every.column("length").to_pylist()[::3]
+    assert c.read_ids(set(), ["id"]).num_rows == 0
+
+
 def test_cached_rows_through_upper_equal_the_full_model(fp32_cache, corpus, minilm):
     out, _ = fp32_cache
     texts = dict(zip(corpus[1].column("id").to_pylist(), corpus[1].column("text").to_pylist()))

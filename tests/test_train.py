@@ -65,6 +65,14 @@ def test_recycled_lora_learns_trec(trec_lora, out):
     # MFU: the step's model FLOP/s against the matmul peak the worker measured at its start (er_ray.flops)
     assert saved["matmul_peak_flops"] > 1e8 and 0.01 < saved["mfu"] <= 1.0, saved["mfu"]
     assert all(0 < h["mfu"] <= 1.0 for h in saved["history"])
+    # the timeline (issue 17): every phase of the run, in the order they happen, adding up to (nearly) its total
+    tl = saved["timeline"]
+    assert list(tl) == ["ray_start", "data", "workers_start", "model_setup", "train", "evaluate", "checkpoint",
+                        "finish", "publish", "total"], tl
+    assert all(v >= 0 for v in tl.values()) and tl["train"] == pytest.approx(saved["train_seconds"])
+    assert tl["workers_start"] > 1 and tl["model_setup"] > 0.5 and tl["evaluate"] > 0
+    phases = sum(v for k, v in tl.items() if k != "total")
+    assert 0.8 * tl["total"] <= phases <= tl["total"] + 0.5, tl  # what no phase names: Ray Train's own steps
 
 
 @pytest.mark.parametrize("adapter,size", [("bottleneck", 32), ("full", 0)])
@@ -270,6 +278,28 @@ def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
         train(TrainOptions(task=["sms_spam"], cache=str(cache_dir), output=str(tmp_path), **FAST))
 
 
+def test_the_driver_and_ray_data_cut_the_same_rows_from_a_cache(trec_lora, out, monkeypatch):
+    """A cache up to ER_RAY_DRIVER_READ_BYTES is read on the driver, a larger one by Ray Data: same rows, same
+    order, same labels, same bytes."""
+    from er_ray.cache import open_cache
+    from er_ray.train_data import split_datasets
+
+    task, c = tasks.load_task("trec"), open_cache(trec_cache(out), 3)
+    cut = {}
+    for limit in ("0", str(1 << 40)):  # Ray Data, then the driver
+        monkeypatch.setenv("ER_RAY_DRIVER_READ_BYTES", limit)
+        data = split_datasets(task, c, "cache", max_train=300, seed=1)
+        cut[limit] = {s: pa.concat_tables(_tables(ds)).to_pydict() for s, ds in data["datasets"].items()}
+        assert data["rows"] == {"train": 300, "dev": len(task.splits["dev"]), "test": len(task.splits["test"])}
+    assert cut["0"] == cut[str(1 << 40)]
+
+
+def _tables(ds):
+    import ray
+
+    return [ray.get(r) for r in ds.to_arrow_refs()]
+
+
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
     import psutil
 
@@ -401,7 +431,9 @@ def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
     # the first epoch takes 4-8 s here (a second or two of it Ray Data's start), so the budget, not the ceiling of
     # 16 epochs, decides. (300 examples and a ceiling of 8 once ran into the ceiling on a faster day.)
     first = m["history"][0]["train_seconds"]
-    assert m["planned_epochs"] == max(1, min(16, int(30 // first))) == m["epochs_run"] == len(m["history"]), m
+    steady = first - m["history"][0]["first_batch_seconds"]  # the data pipeline's start is paid once
+    assert m["planned_epochs"] == max(1, min(16, 1 + int((30 - first) // steady))) == m["epochs_run"] == \
+        len(m["history"]), m
     assert 2 <= m["planned_epochs"] < 16 and m["train_seconds"] <= 30 + first  # planned from the first epoch
     lrs = [h["learning_rate"] for h in m["history"]]
     assert lrs[-1] < 1e-9 and all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # decayed over the planned epochs
