@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = _RESUME.get(ns.verb)
         console.say(ns.verb, "interrupted" + (f": {kept}" if kept else ""))
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            console.end_interrupted()  # never returns (see there)
         return console.exit_code_of_interrupt()
     except ErRayError as e:  # written to be read by a person: print it, not a traceback
         print(f"er-ray {ns.verb}: error: {e}", file=sys.stderr)

@@ -251,6 +251,21 @@ def _filter_stderr() -> None:
         thread.join(timeout=2)
 
     atexit.register(restore)
+    _state["restore_stderr"] = restore
+
+
+def end_interrupted() -> None:
+    """Exit now, with 128 + the interrupting signal, what was printed flushed. Trap: training runs in daemon
+    threads that may still be inside Ray Train's fit(); at a normal exit ray.shutdown() runs first, and such a
+    thread's next call into the shut-down core worker ends the process with status 1 ("The core worker has
+    already been shutdown ... The process will exit"; seen once in a suite run, SIGTERM at a run's start).
+    os._exit skips that race: a local Ray's processes share this process's fate (Ray starts them so) and go with
+    it; on a cluster, Ray ends this driver's job."""
+    sys.stdout.flush()
+    if "restore_stderr" in _state:
+        _state["restore_stderr"]()
+    sys.stderr.flush()
+    os._exit(exit_code_of_interrupt())
 
 
 def _copy(r: int, console: int) -> None:

@@ -90,7 +90,8 @@ class EncodingOptions:
     model: str = "minilm"
     """packaged model name (er-ray models), local folder, or hub id"""
     max_length: int = 128
-    """tokens per document at most; longer documents are truncated (and counted in the cache's manifest)"""
+    """tokens per document at most; longer documents are truncated (and counted in the cache's manifest); question
+    answering cuts each question + context into windows of this many tokens instead (SQuAD's usual: 384)"""
     dtype: Dtype = "fp16"
     """storage type of cached activations: fp16, bf16, int8 (per-token scale) or fp32"""
 
