@@ -105,8 +105,7 @@ class Predictor:
         from .tokenizer import qa_tokenizer_for
 
         if self.source == "cache":
-            offsets = [[None if a < 0 else (a, b) for a, b in zip(s, e)] for s, e in
-                       zip(batch.column("offset_start").to_pylist(), batch.column("offset_end").to_pylist())]
+            offsets = qa.offsets(batch)
             rows = decode_rows(batch, self.cache_dtype, self.enc.hidden_size)
             return rows, list(zip(batch.column("question_id").to_pylist(), offsets)), 0.0
         m = self.info["max_length"]

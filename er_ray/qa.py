@@ -160,6 +160,25 @@ def windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], answer
     return out
 
 
+def window_columns(wins: Sequence[Window], ids: Sequence[str]) -> dict:
+    """Windows as the cache's columns (`ids`: each question's id): id `<question id>#<window>`, question_id,
+    input_ids, and offset_start/offset_end (-1 outside the context). The cache's shards and a text run's windows
+    are written by this one function, and read back by `offsets`."""
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    return {"id": [f"{ids[w.question]}#{w.index}" for w in wins], "question_id": [ids[w.question] for w in wins],
+            "input_ids": pa.array([w.input_ids for w in wins], ints),
+            "offset_start": pa.array([[-1 if o is None else o[0] for o in w.offsets] for w in wins], ints),
+            "offset_end": pa.array([[-1 if o is None else o[1] for o in w.offsets] for w in wins], ints)}
+
+
+def offsets(table) -> list[list[tuple[int, int] | None]]:
+    """Each window row's token offsets (None outside the context), from `window_columns`' two columns."""
+    return [[None if a < 0 else (a, b) for a, b in zip(s, e)] for s, e in
+            zip(table.column("offset_start").to_pylist(), table.column("offset_end").to_pylist())]
+
+
 def answer_tokens(offsets: Sequence[tuple[int, int] | None], start_char: int, end_char: int) -> tuple[int, int]:
     """The first and last token of the characters [start_char, end_char) in a window, or (0, 0) when the window
     does not cover them all."""

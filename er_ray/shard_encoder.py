@@ -88,14 +88,8 @@ def _windows(folder: str, max_length: int, ids: list[str], pairs: list[tuple[str
     wins = qa.windows(qa_tokenizer_for(folder, max_length, qa.stride(max_length)), [q for q, _ in pairs],
                       [c for _, c in pairs])
     hashes = [doc_sha256(i, t) for i, t in zip(ids, pairs)]
-    return {"id": [f"{ids[w.question]}#{w.index}" for w in wins],
-            "question_id": [ids[w.question] for w in wins],
-            "input_ids": pa.array([w.input_ids for w in wins], pa.list_(pa.int32())),
-            "offset_start": pa.array([[-1 if o is None else o[0] for o in w.offsets] for w in wins],
-                                     pa.list_(pa.int32())),
-            "offset_end": pa.array([[-1 if o is None else o[1] for o in w.offsets] for w in wins],
-                                   pa.list_(pa.int32())),
-            "truncated": [False] * len(wins), "doc_sha256": [hashes[w.question] for w in wins]}
+    return {**qa.window_columns(wins, ids), "truncated": [False] * len(wins),
+            "doc_sha256": [hashes[w.question] for w in wins]}
 
 
 class ShardEncoder:

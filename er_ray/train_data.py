@@ -80,8 +80,7 @@ def _qa_rows(chunk: pa.Table, spec: dict) -> tuple[list[np.ndarray], list[tuple[
     # a row per window: cached states, or token ids (cut on the driver, `_text_windows`)
     rows = decode_rows(chunk, spec["cache_dtype"], spec["hidden"]) if spec["source"] == "cache" else \
         [np.asarray(x, np.int64) for x in chunk.column("input_ids").to_pylist()]
-    offsets = [[None if a < 0 else (a, b) for a, b in zip(s, e)] for s, e in
-               zip(chunk.column("offset_start").to_pylist(), chunk.column("offset_end").to_pylist())]
+    offsets = qa.offsets(chunk)
     spans = [qa.answer_tokens(o, *y) for o, y in zip(offsets, labels)]
     return rows, spans, list(zip(chunk.column("question_id").to_pylist(), offsets, context, refs))
 
@@ -267,10 +266,4 @@ def _text_windows(task, labels: dict[str, dict], folder: str, max_length: int) -
     ids = t.column("id").to_pylist()
     wins = qa.windows(qa_tokenizer_for(folder, max_length, qa.stride(max_length)), t.column("question").to_pylist(),
                       t.column("context").to_pylist())
-    return pa.table({"id": [f"{ids[w.question]}#{w.index}" for w in wins],
-                     "question_id": [ids[w.question] for w in wins],
-                     "input_ids": pa.array([w.input_ids for w in wins], pa.list_(pa.int32())),
-                     "offset_start": pa.array([[-1 if o is None else o[0] for o in w.offsets] for w in wins],
-                                              pa.list_(pa.int32())),
-                     "offset_end": pa.array([[-1 if o is None else o[1] for o in w.offsets] for w in wins],
-                                            pa.list_(pa.int32()))})
+    return pa.table(qa.window_columns(wins, ids))
