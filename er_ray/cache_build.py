@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,20 @@ def build_cache(opts: CacheOptions) -> dict[int, Manifest]:
     from .pretrained import fingerprint
 
     storage.writable_folder(opts.output)
+    corpus = None
+    if opts.derive_from is None:
+        corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column, opts.context_column)
+        opts = opts.for_task_types(["question_answering" if corpus.context_column else "classification"])
+    elif opts.max_length is None:  # a derived layer is cut from its source's rows: the source's max length
+        source = storage.join(layer_dir(opts.output, opts.derive_from), "manifest.json")
+        opts = replace(opts, max_length=Manifest.load(source).max_length) if storage.exists(source) else \
+            opts.for_task_types([])  # no source: open_cache below says so
     fp = fingerprint(opts.model, opts.max_length)
     layers = sorted(set(opts.cut_layer)) or [default_cut_layer(fp["num_layers"])]
     for k in layers:
         check_cut_layer(k, fp["num_layers"], fp["model"], allow_last=True)
     if opts.derive_from is not None:
         return {k: derive_cache(opts, fp, k) for k in layers}
-    corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column, opts.context_column)
     file_ids = read_ids(corpus)
     # One builder per cache at a time: a second waits, then finds the first one's shards committed.
     with storage.exclusive(opts.output, lambda who: say("cache", f"waiting for {who}, which is building "
@@ -210,6 +218,7 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
     # prefetch_batches=0: with prefetching, Ray Data's iterator hands a block over only once the next one has
     # arrived, so each shard was committed one actor call late (a kill then re-encoded a written shard).
     bar = progress("cache", n_plans)
+    unit = "windows" if opts.context_column else "documents"  # question answering caches a row per window
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for r in batch.to_pylist():
             m = manifests[r["cut_layer"]]
@@ -230,7 +239,7 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
         dt = time.perf_counter() - t0
         # Tokens/s while encoding against the end-to-end rate says where a slow build loses its time: in the
         # encoder itself, or in starting and feeding it.
-        bar.update(shards, f"{shards}/{n_plans} shards, {docs:,} documents, {tokens:,} tokens, "
+        bar.update(shards, f"{shards}/{n_plans} shards, {docs:,} {unit}, {tokens:,} tokens, "
                    f"{tokens / dt:,.0f} tokens/s, {nbytes / 2**20:,.1f} MiB written, {fmt_seconds(dt)} (encoder: "
                    f"{tokens / max(encoding, 1e-9):,.0f} tokens/s over {encoding:,.1f} s of forward passes; "
                    f"writes {writing:,.1f} s)")

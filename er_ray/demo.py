@@ -37,10 +37,11 @@ def run(opts: DemoOptions) -> dict[str, Any]:
     t_all = time.perf_counter()
     train = opts.train
     storage.writable_folder(train.output)
+    loaded = [tasks.load_task(t) for t in train.task]
+    train = train.for_task_types(t.type for t in loaded)
     fp = fingerprint(train.model, train.max_length)
     k = default_cut_layer(fp["num_layers"]) if train.cut_layer is None else \
         check_cut_layer(train.cut_layer, fp["num_layers"], fp["model"])
-    loaded = [tasks.load_task(t) for t in train.task]
     corpora = sorted({t.spec.corpus for t in loaded})
     connect()
     out = Path(train.output).resolve()

@@ -24,7 +24,8 @@ heavy: `er-ray --help` must not pay for torch or Ray.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .errors import OptionsError
@@ -89,9 +90,10 @@ class EncodingOptions:
 
     model: str = "minilm"
     """packaged model name (er-ray models), local folder, or hub id"""
-    max_length: int = 128
+    max_length: int | None = None
     """tokens per document at most; longer documents are truncated (and counted in the cache's manifest); question
-    answering cuts each question + context into windows of this many tokens instead (SQuAD's usual: 384)"""
+    answering cuts each question + context into windows of this many tokens instead, with a stride of a third of
+    it, at most 128 (default: 128; question answering 384, SQuAD's usual)"""
     dtype: Dtype = "fp16"
     """storage type of cached activations: fp16, bf16, int8 (per-token scale) or fp32"""
 
@@ -99,6 +101,27 @@ class EncodingOptions:
         if self.dtype not in DTYPES:
             raise OptionsError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         _at_least(self, 2, "max_length")
+
+    def for_task_types(self, types: Iterable[str]):
+        """These options with max_length resolved for tasks of these types (as given, if given)."""
+        if self.max_length is not None:
+            return self
+        lengths = {default_max_length(t) for t in types}
+        if len(lengths) > 1:
+            raise OptionsError(f"question answering windows default to {MAX_LENGTH['question_answering']} tokens, "
+                               f"other tasks to {MAX_LENGTH[None]}: give --max-length for tasks of both kinds at once, "
+                               "or run them apart")
+        return replace(self, max_length=lengths.pop() if lengths else MAX_LENGTH[None])
+
+
+# Tokens per document when --max-length is not given. Question answering: a window of question + context; 384 with
+# a 128-token stride is the standard SQuAD preprocessing (most contexts then fit in one or two windows). At 128 a
+# SQuAD context needs ~2.4 windows, and an answer near a window's edge is seen only in the next one.
+MAX_LENGTH: dict[str | None, int] = {"question_answering": 384, None: 128}
+
+
+def default_max_length(task_type: str) -> int:
+    return MAX_LENGTH.get(task_type, MAX_LENGTH[None])
 
 
 @dataclass(kw_only=True)

@@ -53,6 +53,8 @@ def study(opts: StudyOptions) -> dict[str, Any]:
     train.require_task()
     storage.writable_folder(train.output)
     loaded = {t: tasks.load_task(t) for t in train.task}  # read once: names and corpora of built-ins or spec files
+    train = train.for_task_types(t.type for t in loaded.values())
+    opts = dataclasses.replace(opts, sweep=dataclasses.replace(grid, train=train))  # what the report states
     fps = {model: fingerprint(model, train.max_length) for model in opts.model}  # bad names fail before Ray starts
     connect(dashboard=True)  # the sweeps need it (Tune over Ray Train)
     out = storage.absolute(train.output)

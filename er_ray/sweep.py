@@ -234,8 +234,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     train = opts.train
     train.require_task()
     storage.writable_folder(train.output)
-    fp = fingerprint(train.model, train.max_length)
     loaded = {t: tasks.load_task(t) for t in train.task}  # a task given as a spec file is named by its spec
+    train = train.for_task_types(t.type for t in loaded.values())
+    fp = fingerprint(train.model, train.max_length)
     # A bad option fails here, before Ray starts. The points differ by task only in default learning rates.
     points = {t: grid(opts, fp["num_layers"], task.type) for t, task in loaded.items()}
     # Tune over Ray Train needs the dashboard (State API): without it a trial stopped by ASHA keeps its workers'

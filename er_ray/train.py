@@ -72,7 +72,7 @@ def layout(opts: TrainOptions, task_name: str):
     from .pretrained import fingerprint
 
     task = tasks.load_task(task_name)
-    fp = fingerprint(opts.model, opts.max_length)
+    fp = fingerprint(opts.model, opts.for_task_types([task.type]).max_length)
     k = 0 if opts.full_finetune else default_cut_layer(fp["num_layers"]) if opts.cut_layer is None else \
         check_cut_layer(opts.cut_layer, fp["num_layers"], fp["model"], allow_last=opts.adapter == "full")
     return task, fp, k, "text" if opts.full_finetune or opts.from_text else "cache"
@@ -100,7 +100,8 @@ def open_run_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
 def run_data(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     """A run's labelled, materialized Ray Datasets per split (from its cache, or texts) and the cache's dtype.
     Runs that differ only in adapter or learning rate can share one (a sweep does: one cache read per task and k)."""
-    return _run_data(opts, *layout(opts, task_name))
+    checked = layout(opts, task_name)
+    return _run_data(opts.for_task_types([checked[0].type]), *checked)
 
 
 def _run_data(opts: TrainOptions, task, fp: dict[str, Any], k: int, source: str) -> dict[str, Any]:
@@ -121,6 +122,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
     from .pretrained import pooling_of
 
     task, fp, k, source = checked or layout(opts, task_name)
+    opts = opts.for_task_types([task.type])
     data = data or _run_data(opts, task, fp, k, source)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
@@ -332,9 +334,10 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
     from .cluster import connect
 
     results: dict[int, Any] = {}
-    todo, layouts = [], {}
+    todo, layouts, runs = [], {}, list(runs)
     for i, (opts, task) in enumerate(runs):  # tasks, models and cut layers checked before Ray starts
         layouts[i] = layout(opts, task)
+        runs[i] = (opts := opts.for_task_types([layouts[i][0].type]), task)  # its task type's max length
         name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"], layouts[i][0].type)
         finished = finished_run(opts, name, layouts[i][0].type) if skip_done else None
         if finished is not None:

@@ -167,9 +167,15 @@ def _references(task) -> dict[str, tuple[str, list[str]]]:
             zip(*(task.splits[s].column(n).to_pylist() for n in ("id", "context", "answers")))}
 
 
-def _documents_in(ds, qa: bool) -> int:
-    """Documents in a split's dataset: its rows, or for question answering the questions of its windows."""
-    return len(ds.unique("question_id")) if qa and "question_id" in ds.columns() else ds.count()
+def _documents_in(data, qa: bool) -> int:
+    """Documents in a split's rows (an Arrow table, or a Dataset): its rows, or for question answering the
+    questions of its windows. Trap: on a Dataset, `unique` is a Ray Data job (~20 s of a small QA run when every
+    split was counted so); a table read on the driver is counted on the driver."""
+    import pyarrow.compute as pc
+
+    if isinstance(data, pa.Table):
+        return pc.count_distinct(data.column("question_id")).as_py() if qa else data.num_rows
+    return len(data.unique("question_id")) if qa and "question_id" in data.columns() else data.count()
 
 
 DRIVER_READ_BYTES = 1 << 30  # caches up to 1 GiB on disk are read by the driver; larger ones by Ray Data
@@ -217,6 +223,7 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     qa = task.type == "question_answering"
     refs = _references(task) if qa else None
     label_args = {"labels": labels, "kind": task.type, "references": refs}
+    labelled = None  # a table of every split's rows, where they are cut on the driver
     if source == "cache":
         cols = ["id", "length", "hidden"] + (["scale"] if cache_obj.manifest.dtype == "int8" else []) + \
                (["word_ids"] if task.type == "token_classification" else []) + \
@@ -226,7 +233,6 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
             # start cold worker processes, 10-15 s of a small run (BENCHMARKS.md, the fixed cost of one run).
             rows = cache_obj.read_ids(set().union(*labels.values()), cols, key="question_id" if qa else "id")
             labelled = _attach_labels(rows, **label_args)
-            out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
         else:
             # One distributed read of the cache for all splits (decompressing every shard's states is the expensive
             # part), then each split is cut from the small materialized result.
@@ -236,13 +242,15 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
                                                num_cpus=0.25).materialize() for split in labels}
     elif qa:
         labelled = _attach_labels(_text_windows(task, labels, *tokenizer), **label_args)
-        out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
     else:
         texts = pa.concat_tables(task.splits[s].select(["id", task.input_column]).rename_columns(["id", "text"])
                                  for s in labels)
         labelled = _attach_labels(texts, **label_args)
-        out = {split: ray.data.from_arrow(_select_split(labelled, split)) for split in labels}
-    if any(_documents_in(out[split], qa) < len(lab) for split, lab in labels.items()):
+    tables = {}
+    if isinstance(labelled, pa.Table):  # cut on the driver: counted there too
+        tables = {split: _select_split(labelled, split) for split in labels}
+        out = {split: ray.data.from_arrow(t) for split, t in tables.items()}
+    if any(_documents_in(tables.get(split, out[split]), qa) < len(lab) for split, lab in labels.items()):
         # only a cache can lack documents; name them (reading all its ids is fine on this error path)
         have = set(cache_obj.ids(documents=True))
         missing = [i for split in labels.values() for i in split if i not in have]

@@ -125,6 +125,17 @@ def test_a_setting_reaches_every_verb_that_trains():
     assert not {"full_finetune", "from_text", "cache"} & names  # a sweep sets these itself
 
 
+def test_question_answering_windows_default_to_384_tokens_other_tasks_to_128():
+    from er_ray.train import layout
+
+    o = options.TrainOptions()
+    assert o.max_length is None  # resolved per task type, once the tasks are read
+    assert o.for_task_types(["question_answering"]).max_length == 384
+    assert o.for_task_types(["classification", "token_classification"]).max_length == 128
+    assert options.TrainOptions(max_length=64).for_task_types(["question_answering"]).max_length == 64
+    assert layout(o, "squad")[1]["max_length"] == 384 and layout(o, "trec")[1]["max_length"] == 128
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--task", "trec", "--learning-rate", "-1"], "--learning-rate must be above 0, got -1.0"),
     (["train", "--task", "trec", "--adapter-size", "0"], "--adapter-size must be at least 1, got 0"),
@@ -213,6 +224,11 @@ def test_bad_inputs_are_one_line_in_seconds_before_ray_starts(tmp_path):
 
     good = [{"id": f"d{i}", "text": f"text {i}", "label": "ab"[i % 2], "split": ("train", "dev")[i % 3 == 0]}
             for i in range(12)]
+    ctx = "Ray Data shards the corpus."
+    task_file("qa", [{"id": f"q{i}", "question": "What shards?", "context": ctx, "answer_text": "Ray Data",
+                      "answer_start": 0, "split": ("train", "dev")[i % 3 == 0]} for i in range(6)])
+    qa_spec = tmp_path / "qa.yaml"
+    qa_spec.write_text("name: qa\ntype: question_answering\nfiles: qa.parquet\n")
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
     cases = [
@@ -225,6 +241,8 @@ def test_bad_inputs_are_one_line_in_seconds_before_ray_starts(tmp_path):
         (["train", "--task", task_file("dup", good + [dict(good[1], split="dev")])],
          "dup.parquet, row 13, field 'id': duplicate id 'd1' (first at"),
         (["sweep", "--task", "nonesuch"], "unknown task 'nonesuch'"),
+        (["sweep", "--task", f"{task_file('cls', good)},{qa_spec}"],
+         "give --max-length for tasks of both kinds at once, or run them apart"),
         (["cache", "--corpus", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "c")],
          "no such file, directory or built-in task"),
     ]

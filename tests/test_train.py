@@ -300,11 +300,12 @@ def _tables(ds):
     return [ray.get(r) for r in ds.to_arrow_refs()]
 
 
-def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
+def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, trec_lora, out, tmp_path):
+    """(Over the fixture's TREC cache: building one here cost 35 s.)"""
     import psutil
 
-    cmd = [ER_RAY, "train", "--task", "sms_spam", "--output", str(tmp_path), "--epochs", "3", "--patience", "3",
-           "--batch-size", "16", "--max-length", "48", "--max-train-examples", "800"]
+    cmd = [ER_RAY, "train", "--task", "trec", "--output", str(tmp_path), "--epochs", "3", "--patience", "3",
+           "--batch-size", "16", "--max-length", "64", "--max-train-examples", "1200", "--cache", str(trec_cache(out))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": ""})
     ckpts = tmp_path / "ray"
@@ -325,7 +326,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path)
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
     # told on the console: the epoch after the kill ran again from the last checkpoint
-    assert re.search(r"\[er_ray train\] sms_spam-k3-lora16-s0: epoch [23]/3, loss .*, resumed", log), log[-3000:]
+    assert re.search(r"\[er_ray train\] trec-k3-lora16-s0: epoch [23]/3, loss .*, resumed", log), log[-3000:]
     m = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert m["epochs_run"] == 3 and any(h["resumed"] for h in m["history"])
 
@@ -363,12 +364,13 @@ def at_a_terminal():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, tmp_path, sig):
+def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, trec_lora, out, tmp_path, sig):
     """Ctrl-C used to end in a traceback (or, in a study, in a sweep that 'finished no trial'); `kill` (SIGTERM) in
-    a C++ stack dump from Ray's failure-signal handler."""
+    a C++ stack dump from Ray's failure-signal handler. (The TREC cache is the fixture's: encoding it again cost
+    each case 30 s.)"""
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([ER_RAY, "train", "--task", "trec", "--output", str(tmp_path), "--epochs", "3",
-                             "--max-train-examples", "400", "--max-length", "32"],
+                             "--max-train-examples", "400", "--max-length", "64", "--cache", str(trec_cache(out))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=at_a_terminal)
     lines = []
