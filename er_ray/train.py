@@ -12,6 +12,7 @@ its own TorchTrainer, sharing the cluster; one failed run does not lose the othe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -160,6 +161,24 @@ def _resources(opts: TrainOptions, concurrent_workers: int) -> tuple[float, int 
     return per, threads, gpus > 0
 
 
+@functools.cache
+def _bf16_peaks() -> tuple[float, float]:
+    from .flops import cpu_bf16_peaks
+
+    return cpu_bf16_peaks()
+
+
+def _warn_if_bf16_is_slow(name: str) -> None:
+    """bf16 on a CPU is fast only where the CPU has it natively (AMX, AVX512-BF16); elsewhere PyTorch emulates it
+    at a hundredth of fp32's speed. Measured here, on the driver's CPU (a local Ray's workers share it; a CPU
+    cluster's nodes are usually of the driver's kind)."""
+    bf16, fp32 = _bf16_peaks()
+    if bf16 < fp32:
+        say("train", f"{name}: warning: --precision bf16 on a CPU without native bf16: matmuls run at "
+                     f"{bf16 / 1e9:,.1f} GFLOP/s against {fp32 / 1e9:,.1f} in fp32, so this run will be much slower "
+                     "than with --precision fp32 (the default on CPUs)")
+
+
 def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, callbacks=None,
             before: dict[str, float] | None = None) -> dict[str, Any]:
     """One TorchTrainer run; returns metrics.json's content and writes the run's outputs under OUTPUT/runs/.
@@ -174,6 +193,8 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
         precision = "bf16" if use_gpu else "fp32"
     if precision == "fp16" and not use_gpu:
         raise OptionsError("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    if precision == "bf16" and not use_gpu:
+        _warn_if_bf16_is_slow(plan["name"])
     config = dataclasses.replace(plan["config"], threads=threads, precision=precision)
     _start_afresh_if_changed(storage.join(opts.output, "ray", plan["name"]), config)
     storage_path, storage_fs = storage.ray_storage(storage.join(opts.output, "ray"))

@@ -470,3 +470,15 @@ def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(r
     got = run_all(runs, tmp_path / "out", max_concurrent=3)
     assert all(m["learning_rate"] == DEFAULT_LR["lora"] and m["adapter"] == "lora" for m in got)
     assert all(m["test"] >= floor + 0.02 for m in got), ([m["test"] for m in got], floor)
+
+
+def test_bf16_on_a_cpu_without_it_is_named_before_the_run(capsys):
+    """This machine's CPU (AVX2, no AVX512-BF16 or AMX) ran a bf16 training epoch at a tenth of fp32's speed, with
+    no word why. The driver measures both matmul peaks and says so when bf16 is the slower."""
+    from er_ray.train import _bf16_peaks, _warn_if_bf16_is_slow
+
+    bf16, fp32 = _bf16_peaks()
+    assert bf16 > 0 and fp32 > 0
+    _warn_if_bf16_is_slow("trec-k3-lora16-s0")
+    err = capsys.readouterr().err
+    assert ("on a CPU without native bf16" in err) == (bf16 < fp32), (bf16, fp32, err)
