@@ -46,7 +46,8 @@ def main() -> None:
     console.configure()
     names, layers = a.task.split(","), [int(k) for k in a.cut_layer.split(",")]
     loaded = {t: tasks.load_task(t) for t in names}
-    train = TrainOptions(task=names, model=a.model, output=a.work, max_length=a.max_length).for_task_types(t.type for t in loaded.values())
+    train = TrainOptions(task=names, model=a.model, output=a.work, max_length=a.max_length)
+    train = train.for_task_types(t.type for t in loaded.values())
     caches = {}
     for t, task in loaded.items():  # every task: tasks over one corpus may hold different documents
         root = cache_root(a.work, task.spec.corpus, a.model, train.max_length)
