@@ -58,7 +58,7 @@ def inference_pass(run: Path, source: str, task, cache_dir: str | None, batch_si
         batch, cache_dtype = t.take([pos[i] for i in test.column("id").to_pylist()]), c.manifest.dtype
     else:
         batch = test.select(["id", "text"])
-    predictor = Predictor(str(run), source, batch_size, threads=os.cpu_count(), cache_dtype=cache_dtype)
+    predictor = Predictor([str(run)], source, batch_size, threads=os.cpu_count(), cache_dtype=cache_dtype)
 
     def timed() -> float:
         t0 = time.perf_counter()

@@ -326,7 +326,9 @@ def test_derived_cache_equals_a_scratch_cache(fp32_cache, tmp_path):
     src, manifests = fp32_cache
     out = tmp_path / "c"
     shutil.copytree(src / "layer=2", out / "layer=2")
-    build(None, out, corpus=[], cut_layer=[3], dtype="fp32", derive_from=2)
+    # no --max-length: a derived layer takes its source's (64 here; the default would be 128, and the source's
+    # fingerprint would not match)
+    build(None, out, corpus=[], cut_layer=[3], dtype="fp32", derive_from=2, max_length=None)
     derived, scratch = open_cache(out, 3), open_cache(src, 3)
     assert [s["file"] for s in derived.manifest.shards] == [s["file"] for s in scratch.manifest.shards]
     assert derived.manifest.corpus_fingerprint == scratch.manifest.corpus_fingerprint
