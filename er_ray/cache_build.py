@@ -218,7 +218,8 @@ def _commit_results(opts: CacheOptions, ds, layers: list[int], n_plans: int, man
     # prefetch_batches=0: with prefetching, Ray Data's iterator hands a block over only once the next one has
     # arrived, so each shard was committed one actor call late (a kill then re-encoded a written shard).
     bar = progress("cache", n_plans)
-    unit = "windows" if opts.context_column else "documents"  # question answering caches a row per window
+    # question answering caches a row per window (a task spec's corpus names its context column, not opts)
+    unit = "windows" if manifests[layers[0]].question_answering else "documents"
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for r in batch.to_pylist():
             m = manifests[r["cut_layer"]]

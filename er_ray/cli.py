@@ -243,7 +243,8 @@ def cache(opts: o.CacheOptions) -> int:
     from .report import format_table
 
     manifests = build_cache(opts)
-    rows = [{"layer": k, "documents": m.rows, "real tokens": m.real_tokens, "truncated": m.truncated,
+    rows = [{"layer": k, ("windows" if m.question_answering else "documents"): m.rows,  # QA: a row per window
+             "real tokens": m.real_tokens, "truncated": m.truncated,
              "skipped": len(m.skipped), "shards": len(m.shards), "MiB": round(m.bytes / 2**20, 1),
              "bytes/token": round(m.bytes / max(m.real_tokens, 1), 1), "dtype": m.dtype} for k, m in manifests.items()]
     print(format_table(rows))
