@@ -67,16 +67,19 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
 
 
 def layout(opts: TrainOptions, task_name: str):
-    """(task, model fingerprint, cut layer, source) of a run, checked."""
+    """(options, task, model fingerprint, cut layer, source) of a run, checked. The options come back resolved
+    for the task's type (its max length: 384 for question answering, else 128, unless given): the one place a
+    run's options are resolved, so every later step reads the same value."""
     from . import tasks
     from .encoders import check_cut_layer, default_cut_layer
     from .pretrained import fingerprint
 
     task = tasks.load_task(task_name)
-    fp = fingerprint(opts.model, opts.for_task_types([task.type]).max_length)
+    opts = opts.for_task_types([task.type])
+    fp = fingerprint(opts.model, opts.max_length)
     k = 0 if opts.full_finetune else default_cut_layer(fp["num_layers"]) if opts.cut_layer is None else \
         check_cut_layer(opts.cut_layer, fp["num_layers"], fp["model"], allow_last=opts.adapter == "full")
-    return task, fp, k, "text" if opts.full_finetune or opts.from_text else "cache"
+    return opts, task, fp, k, "text" if opts.full_finetune or opts.from_text else "cache"
 
 
 def open_run_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
@@ -101,8 +104,7 @@ def open_run_cache(opts: TrainOptions, task, fp: dict[str, Any], k: int):
 def run_data(opts: TrainOptions, task_name: str) -> dict[str, Any]:
     """A run's labelled, materialized Ray Datasets per split (from its cache, or texts) and the cache's dtype.
     Runs that differ only in adapter or learning rate can share one (a sweep does: one cache read per task and k)."""
-    checked = layout(opts, task_name)
-    return _run_data(opts.for_task_types([checked[0].type]), *checked)
+    return _run_data(*layout(opts, task_name))
 
 
 def _run_data(opts: TrainOptions, task, fp: dict[str, Any], k: int, source: str) -> dict[str, Any]:
@@ -122,8 +124,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
     them."""
     from .pretrained import pooling_of
 
-    task, fp, k, source = checked or layout(opts, task_name)
-    opts = opts.for_task_types([task.type])
+    opts, task, fp, k, source = checked or layout(opts, task_name)
     data = data or _run_data(opts, task, fp, k, source)
     if "dev" not in data["datasets"]:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
@@ -358,9 +359,10 @@ def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concur
     todo, layouts, runs = [], {}, list(runs)
     for i, (opts, task) in enumerate(runs):  # tasks, models and cut layers checked before Ray starts
         layouts[i] = layout(opts, task)
-        runs[i] = (opts := opts.for_task_types([layouts[i][0].type]), task)  # its task type's max length
-        name = run_name(opts, layouts[i][0].name, layouts[i][1]["num_layers"], layouts[i][0].type)
-        finished = finished_run(opts, name, layouts[i][0].type) if skip_done else None
+        opts, t, fp = layouts[i][:3]
+        runs[i] = (opts, task)  # resolved for its task type (its max length)
+        name = run_name(opts, t.name, fp["num_layers"], t.type)
+        finished = finished_run(opts, name, t.type) if skip_done else None
         if finished is not None:
             results[i] = finished
         else:

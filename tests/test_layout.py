@@ -133,7 +133,9 @@ def test_question_answering_windows_default_to_384_tokens_other_tasks_to_128():
     assert o.for_task_types(["question_answering"]).max_length == 384
     assert o.for_task_types(["classification", "token_classification"]).max_length == 128
     assert options.TrainOptions(max_length=64).for_task_types(["question_answering"]).max_length == 64
-    assert layout(o, "squad")[1]["max_length"] == 384 and layout(o, "trec")[1]["max_length"] == 128
+    for task, n in (("squad", 384), ("trec", 128)):  # a run's options come back resolved, as its fingerprint
+        resolved, _, fp, _, _ = layout(o, task)
+        assert resolved.max_length == fp["max_length"] == n
 
 
 @pytest.mark.parametrize("argv,message", [
