@@ -51,6 +51,14 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
     console.terminate_as_interrupt()
 
 
+def on_one_machine() -> bool:
+    """Whether Ray's work would stay on this machine: no cluster named by RAY_ADDRESS (as under `ray job submit`),
+    and a Ray this process already joined has a single node."""
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 

@@ -106,7 +106,13 @@ def add_lora(model: nn.Module, spec: ModelSpec):
     config = LoraConfig(r=spec.adapter_size, lora_alpha=2 * spec.adapter_size, lora_dropout=0.0, bias="none",
                         target_modules=list(arch.lora_targets), layers_to_transform=list(range(spec.cut_layer, n)),
                         layers_pattern="layer")
-    return get_peft_model(model, config)
+    import warnings
+
+    with warnings.catch_warnings():
+        # peft 0.x asks `model.is_gradient_checkpointing`, which this transformers deprecates with a FutureWarning
+        # on every model it wraps: noise on a user's console (predict builds models on its own process)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 class TaskModel(nn.Module):

@@ -236,7 +236,8 @@ class PoolOptions:
     """The actors that run a model over documents (the cache's lower layers, predict's task model)."""
 
     workers: int | None = None
-    """actors (default: one per GPU; one on a CPU-only cluster)"""
+    """Ray Data actors (default: one per GPU; one on a CPU-only cluster). predict over an input under
+    ER_RAY_DRIVER_READ_BYTES (1 GiB) on one machine runs on its own process instead, unless this is given"""
     batch_size: int = 64
     """documents per forward pass (bucketed by length)"""
 

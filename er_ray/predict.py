@@ -190,27 +190,32 @@ def predict(opts: PredictOptions) -> Path | str:
     OUTPUT/predictions.parquet (several runs: OUTPUT/<run name>/predictions.parquet; an earlier file there is
     replaced only once the new one is complete) and returns OUTPUT: a Path for a local folder, the URI for a remote
     one. Runs that share a model and cut layer share one pass over the documents."""
-    from .cluster import connect
-
     storage.writable_folder(opts.output)
     runs = [storage.absolute(r) for r in opts.run]  # the predictor actors read the models from them
     infos = [_run_info(r) for r in runs]
     groups = _one_pass_groups(infos)
     outputs = [storage.join(opts.output, "predictions.parquet")] if len(runs) == 1 else \
         [storage.join(opts.output, r.rstrip("/").rsplit("/", 1)[-1], "predictions.parquet") for r in runs]
-    connect()
     for g in groups:
         _predict_group(opts, [runs[i] for i in g], infos[g[0]], [outputs[i] for i in g])
     return Path(opts.output) if storage.is_local(opts.output) else opts.output
 
 
-def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], outputs: list[str]) -> None:
-    import ray
-    import ray.data
+def _runs_here(opts: PredictOptions, input_bytes: int) -> bool:
+    """Whether to predict on this process instead of Ray Data's actors: on one machine (no cluster to spread over),
+    for an input small enough to read here (the limit training's driver reads use: `ER_RAY_DRIVER_READ_BYTES`,
+    0 for always Ray Data), unless --workers asks for actors. A local Ray's start and its actor's start (imports,
+    model load) were ~28 s of every `er-ray predict` here, the forward passes over 5,000 reviews less than that
+    (BENCHMARKS.md, serving): the whole command's time was mostly the machinery."""
+    from .cluster import on_one_machine
+    from .train_data import driver_read_bytes
 
+    return opts.workers is None and input_bytes <= driver_read_bytes() and on_one_machine()
+
+
+def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], outputs: list[str]) -> None:
     from .cache import KEY_FIELDS, open_cache
     from .cache_build import corpus_of
-    from .cluster import cluster_cpus, cluster_gpus
     from .corpus import read_ids
     from .pretrained import fingerprint
 
@@ -219,48 +224,32 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
     if qa and (corpus is None or corpus.context_column is None):
         raise PredictError("a question answering model answers from each question's context: give --corpus (the "
                            "built-in task, a task spec, or files with --context-column), also with --cache")
+    cache, wanted = None, None
     if opts.cache:
         k = info["spec"]["cut_layer"]
         fp = fingerprint(info["model"], info["max_length"])
-        c = open_cache(opts.cache, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
-        cache_dtype = c.manifest.dtype
-        cols = ["id", "length", "hidden"] + (["scale"] if c.manifest.dtype == "int8" else []) + \
-               (["word_ids"] if c.manifest.token_classification else []) + \
-               (["question_id", "offset_start", "offset_end"] if c.manifest.question_answering else [])
-        ds = c.dataset(columns=cols)
+        cache = open_cache(opts.cache, k, expect={f: fp[f] for f in KEY_FIELDS if f in fp})
         if corpus:  # only the corpus's documents
             wanted = pa.array(sorted({i for _, ids in read_ids(corpus) for i in ids}), pa.string())
-            ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted, "key": "question_id" if qa else "id"},
-                                batch_format="pyarrow")
-        source = "cache"
-    else:  # each corpus file is read by a Ray task, not by this process: a corpus need not fit in the driver
-        ds = ray.data.from_items([{"file": f} for f in corpus.files], override_num_blocks=len(corpus.files))
-        ds = ds.map_batches(_read_files, fn_kwargs={"columns": corpus.columns}, batch_size=1, batch_format="pyarrow")
-        source, cache_dtype = "text", None
-    gpus = cluster_gpus()
-    workers = opts.workers or max(1, gpus)
-    threads = None if gpus else max(1, int(cluster_cpus()) // workers)
-    out = ds.map_batches(Predictor, fn_constructor_kwargs={"runs": runs, "source": source,
-                                                           "batch_size": opts.batch_size, "threads": threads,
-                                                           "cache_dtype": cache_dtype},
-                         batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=workers),
-                         num_gpus=1 if gpus else 0, num_cpus=1)
+    source = "cache" if cache else "text"
+    here = _runs_here(opts, cache.manifest.bytes if cache else sum(storage.size(f) for f in corpus.files))
+    predicted = (_predict_here if here else _predict_ray)(opts, runs, corpus, cache, wanted, qa)
+    where = "on this process" if here else "by Ray Data"
     if qa:
-        rows = _write_answers(out, corpus, outputs)
-        say("predict", f"{fmt_count(rows)} questions answered from {source} by {len(runs)} task model(s) -> "
+        rows = _write_answers(predicted, corpus, outputs)
+        say("predict", f"{fmt_count(rows)} questions answered from {source} by {len(runs)} task model(s) {where} -> "
                        f"{outputs[0] if len(outputs) == 1 else opts.output}")
         return
     token = info["spec"]["task_type"] == "token_classification"
     names = ("tags", "scores") if token else ("label", "score")
 
-    def per_run(batches):  # the actors' one table -> one table per run, streamed into its own file
+    def per_run(batches):  # the predictors' one table -> one table per run, streamed into its own file
         for b in batches:
             yield tuple(pa.table({"id": b.column("id"), **{n: b.column(f"{n}_{r}") for n in names}})
                         for r in range(len(runs)))
 
-    # streamed as the predictor actors deliver, never all in this process's memory
-    rows = run_pipeline(lambda: storage.write_parquet_streams(
-        outputs, per_run(out.iter_batches(batch_size=None, batch_format="pyarrow"))))[0]
+    # streamed as the predictors deliver, never all in this process's memory
+    rows = run_pipeline(lambda: storage.write_parquet_streams(outputs, per_run(predicted)))[0]
     if rows == 0:
         raise PredictError("no documents to label: the corpus is empty" +
                            (" or none of its documents are in the cache" if opts.cache and opts.corpus else ""))
@@ -268,18 +257,83 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
         say("predict", f"{fmt_count(len(wanted) - rows)} of the corpus's {fmt_count(len(wanted))} documents are not "
                        f"in the cache {opts.cache} and were not labelled")
     what = f"{len(runs)} task models in one pass" if len(runs) > 1 else "1 task model"
-    say("predict", f"{fmt_count(rows)} documents labelled from {source} by {what} -> "
+    say("predict", f"{fmt_count(rows)} documents labelled from {source} by {what} {where} -> "
                    f"{outputs[0] if len(outputs) == 1 else opts.output}")
 
 
-def _write_answers(out, corpus, outputs: list[str]) -> int:
+def _cache_columns(cache) -> list[str]:
+    m = cache.manifest
+    return ["id", "length", "hidden"] + (["scale"] if m.dtype == "int8" else []) + \
+        (["word_ids"] if m.token_classification else []) + \
+        (["question_id", "offset_start", "offset_end"] if m.question_answering else [])
+
+
+ROWS_PER_CALL = 1024  # rows handed to a predictor at a time (it batches them by length inside)
+
+
+def _predict_here(opts: PredictOptions, runs: list[str], corpus, cache, wanted, qa: bool):
+    """The predictor's tables, computed on this process (no Ray): the cache's rows read in one filtered pass, or
+    the corpus files; progress every 10 s."""
+    import time
+
+    from . import console
+
+    console.terminate_as_interrupt()  # as under Ray: `kill` takes Ctrl-C's path
+    predictor = Predictor(runs, "cache" if cache else "text", opts.batch_size,
+                          cache_dtype=cache.manifest.dtype if cache else None)
+    if cache:
+        cols = _cache_columns(cache)
+        key = "question_id" if qa else "id"
+        table = cache.read_ids(set(wanted.to_pylist()), cols, key=key) if wanted is not None else cache.read(cols)
+    else:  # under the size limit: the texts fit here
+        table = pa.concat_tables([_read_files(pa.table({"file": [f]}), corpus.columns) for f in corpus.files])
+    bar, last = console.progress("predict", table.num_rows), time.perf_counter()
+    try:
+        for start in range(0, table.num_rows, ROWS_PER_CALL):
+            yield predictor(table.slice(start, ROWS_PER_CALL))
+            if time.perf_counter() - last > 10:
+                last, done = time.perf_counter(), min(start + ROWS_PER_CALL, table.num_rows)
+                bar.update(done, f"{fmt_count(done)} of {fmt_count(table.num_rows)} "
+                                 f"{('windows' if cache else 'questions') if qa else 'documents'} on this process")
+    finally:
+        bar.close()
+
+
+def _predict_ray(opts: PredictOptions, runs: list[str], corpus, cache, wanted, qa: bool):
+    """The predictor's tables from Ray Data's actors (a cluster, or an input too big for this process)."""
+    import ray
+    import ray.data
+
+    from .cluster import cluster_cpus, cluster_gpus, connect
+
+    connect()
+    if cache:
+        ds = cache.dataset(columns=_cache_columns(cache))
+        if wanted is not None:
+            ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted, "key": "question_id" if qa else "id"},
+                                batch_format="pyarrow")
+    else:  # each corpus file is read by a Ray task, not by this process: a corpus need not fit in the driver
+        ds = ray.data.from_items([{"file": f} for f in corpus.files], override_num_blocks=len(corpus.files))
+        ds = ds.map_batches(_read_files, fn_kwargs={"columns": corpus.columns}, batch_size=1, batch_format="pyarrow")
+    gpus = cluster_gpus()
+    workers = opts.workers or max(1, gpus)
+    threads = None if gpus else max(1, int(cluster_cpus()) // workers)
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"runs": runs, "source": "cache" if cache else "text",
+                                                           "batch_size": opts.batch_size, "threads": threads,
+                                                           "cache_dtype": cache.manifest.dtype if cache else None},
+                         batch_format="pyarrow", batch_size=ROWS_PER_CALL,
+                         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpus else 0, num_cpus=1)
+    yield from out.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _write_answers(predicted, corpus, outputs: list[str]) -> int:
     """Question answering: the windows' best spans (a few numbers each) gathered here, each question's best window
     kept per run, its span cut from the question's context; OUTPUT's predictions.parquet holds id, answer and
     score per question. Returns the questions answered."""
     from .corpus import read_table
 
     best: list[dict[str, tuple]] = [{} for _ in outputs]
-    for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for b in predicted:
         ids = b.column("id").to_pylist()
         for r, runs_best in enumerate(best):
             for q, s, e, sc in zip(ids, *(b.column(f"{c}_{r}").to_pylist() for c in ("start", "end", "score"))):

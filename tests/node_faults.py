@@ -93,7 +93,10 @@ def train(task: str, out: str) -> dict:
     m = train_tasks(TrainOptions(task=[task], output=out, epochs=3, patience=None, batch_size=16, max_length=48,
                                  max_train_examples=400, cpus_per_worker=1, max_failures=2))[0]
     watcher.join(timeout=1)
+    from er_ray.cluster import on_one_machine
+
     return {"removed": bool(removed), "epochs_run": m["epochs_run"], "test": m["test"],
+            "one_machine": on_one_machine(),  # three raylets: not one machine to Ray (predict uses its actors)
             "resumed": [h["resumed"] for h in m["history"]]}
 
 

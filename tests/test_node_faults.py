@@ -48,3 +48,4 @@ def test_a_training_run_that_loses_its_workers_node_resumes_from_its_checkpoint(
     assert result["removed"] and result["epochs_run"] == 3, result
     assert result["resumed"].count(True) == 1 and result["resumed"][0] is False, result  # once, from a checkpoint
     assert result["test"] > 0.9, result  # sms_spam's majority class is 0.868
+    assert result["one_machine"] is False, result

@@ -217,11 +217,13 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
 
 
 def test_several_runs_predict_in_one_pass_as_each_does_alone_and_cache_agrees_with_text(trec_lora, trec_bottleneck,
-                                                                                         out, tmp_path, capfd):
+                                                                                         out, tmp_path, capfd,
+                                                                                         monkeypatch):
     """`er-ray predict --run A --run B`: one read of the cache (or one pass of the lower layers over the text) for
     both task models, each run's predictions what it gives alone. B is another adapter kind at the same cut layer.
-    Then: a run predicts from the cache what it predicts from text, and its exported PEFT adapter reloads in plain
-    transformers + peft with the same answers."""
+    The pass for both runs on this process (a small input on one machine), each alone through Ray Data's actors (as
+    on a cluster): the two ways agree. Then: a run predicts from the cache what it predicts from text, and its
+    exported PEFT adapter reloads in plain transformers + peft with the same answers."""
     cache_dir = trec_cache(out)
     runs = [out / "runs" / trec_lora["run"], out / "runs" / trec_bottleneck["run"]]
     docs = tasks.load_task("trec").splits["test"].select(["id", "text"])
@@ -231,11 +233,14 @@ def test_several_runs_predict_in_one_pass_as_each_does_alone_and_cache_agrees_wi
     for where, source in (("cache", {"cache": str(cache_dir)}), ("text", {})):
         together = predict.predict(predict.PredictOptions(run=[str(r) for r in runs], corpus=corpus,
                                                           output=str(tmp_path / f"both_{where}"), **source))
-        assert "2 task models in one pass" in capfd.readouterr().err
+        assert "2 task models in one pass on this process" in capfd.readouterr().err
         assert not (together / "predictions.parquet").exists()  # several runs: a folder each
         for r in runs:
+            monkeypatch.setenv("ER_RAY_DRIVER_READ_BYTES", "0")  # Ray Data's actors, as for a cache over the limit
             folder = predict.predict(predict.PredictOptions(run=str(r), corpus=corpus,
                                                             output=str(tmp_path / f"{r.name}_{where}"), **source))
+            monkeypatch.delenv("ER_RAY_DRIVER_READ_BYTES")
+            assert "1 task model by Ray Data" in capfd.readouterr().err
             one = pq.read_table(together / r.name / "predictions.parquet").sort_by("id").to_pydict()
             ref = alone[r.name, where] = pq.read_table(folder / "predictions.parquet").sort_by("id").to_pydict()
             assert one["id"] == ref["id"] and len(one["id"]) == docs.num_rows
@@ -270,6 +275,14 @@ def test_several_runs_predict_in_one_pass_as_each_does_alone_and_cache_agrees_wi
         logits = ((h * m).sum(1) / m.sum(1)) @ w.T + bias
     plain = [labels[i] for i in logits.argmax(-1).tolist()]
     assert plain == [tb[i][0] for i in first.column("id").to_pylist()]
+    # the CLI with a built-in task as corpus: all its 5,452 questions, the test split's labels as above
+    from er_ray.cli import main
+
+    assert main(["predict", "--run", str(run), "--corpus", "trec", "--cache", str(cache_dir),
+                 "--output", str(tmp_path / "all_trec")]) == 0
+    every = pq.read_table(tmp_path / "all_trec" / "predictions.parquet").to_pydict()
+    assert len(every["id"]) == len(set(every["id"])) == 5452
+    assert {i: lab for i, lab in zip(every["id"], every["label"]) if i in ca} == {i: v[0] for i, v in ca.items()}
 
 
 def test_missing_documents_in_the_cache_are_named(trec_lora, out, tmp_path):
@@ -334,7 +347,8 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, trec_lora
     assert m["epochs_run"] == 3 and any(h["resumed"] for h in m["history"])
 
 
-def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec_lora, out, tmp_path):
+def test_predict_from_text_names_a_missing_column_and_keeps_old_predictions(trec_lora, out, tmp_path, monkeypatch):
+    monkeypatch.setenv("ER_RAY_DRIVER_READ_BYTES", "0")  # through Ray Data's actors: they end with the error
     run = out / "runs" / "trec-k3-lora8-s0"
     docs = tasks.load_task("trec").splits["test"].slice(0, 40)
     pq.write_table(docs, tmp_path / "docs.parquet")
