@@ -1,5 +1,6 @@
 """Predictions from a trained task model: over a corpus's cache (upper layers only) or over raw text (lower +
-upper), with Ray Data. Both give the same labels on the same documents.
+upper), with Ray Data's actors on a cluster or for a big input, on the process itself for a small input on one
+machine. Both sources, and both ways, give the same labels on the same documents.
 
     er-ray predict --run runs/runs/trec-k3-lora16-s0 --corpus trec --cache runs/caches/... --output preds/
 """
@@ -204,9 +205,9 @@ def predict(opts: PredictOptions) -> Path | str:
 def _runs_here(opts: PredictOptions, input_bytes: int) -> bool:
     """Whether to predict on this process instead of Ray Data's actors: on one machine (no cluster to spread over),
     for an input small enough to read here (the limit training's driver reads use: `ER_RAY_DRIVER_READ_BYTES`,
-    0 for always Ray Data), unless --workers asks for actors. A local Ray's start and its actor's start (imports,
-    model load) were ~28 s of every `er-ray predict` here, the forward passes over 5,000 reviews less than that
-    (BENCHMARKS.md, serving): the whole command's time was mostly the machinery."""
+    0 for always Ray Data), unless --workers asks for actors. A local Ray's start, its actor's start (imports, model
+    load) and Ray Data's plan made every `er-ray predict` over 5,000 reviews 40-48 s longer here (BENCHMARKS.md,
+    end-to-end predict on one machine without Ray)."""
     from .cluster import on_one_machine
     from .train_data import driver_read_bytes
 
