@@ -222,6 +222,16 @@ class Cache:
         col = "question_id" if documents and self.manifest.question_answering else "id"
         return list(dict.fromkeys(self.read(columns=[col]).column(col).to_pylist())) if self.files else []
 
+    def row_columns(self, task_type: str | None = None) -> list[str]:
+        """The columns a task model reads of each row: the states (and int8's scales), and for token classification
+        the word ids, for question answering each window's question and context offsets. The kind is the task's
+        (training) or, without one, the cache's own (predict)."""
+        m = self.manifest
+        token = task_type == "token_classification" if task_type else m.token_classification
+        qa = task_type == "question_answering" if task_type else m.question_answering
+        return ["id", "length", "hidden"] + (["scale"] if m.dtype == "int8" else []) + \
+            (["word_ids"] if token else []) + (["question_id", "offset_start", "offset_end"] if qa else [])
+
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache as one Arrow table (small caches and tests; training streams it with Ray Data)."""
         self.check_shards()

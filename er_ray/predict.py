@@ -262,13 +262,6 @@ def _predict_group(opts: PredictOptions, runs: list[str], info: dict[str, Any], 
                    f"{outputs[0] if len(outputs) == 1 else opts.output}")
 
 
-def _cache_columns(cache) -> list[str]:
-    m = cache.manifest
-    return ["id", "length", "hidden"] + (["scale"] if m.dtype == "int8" else []) + \
-        (["word_ids"] if m.token_classification else []) + \
-        (["question_id", "offset_start", "offset_end"] if m.question_answering else [])
-
-
 ROWS_PER_CALL = 1024  # rows handed to a predictor at a time (it batches them by length inside)
 
 
@@ -283,7 +276,7 @@ def _predict_here(opts: PredictOptions, runs: list[str], corpus, cache, wanted, 
     predictor = Predictor(runs, "cache" if cache else "text", opts.batch_size,
                           cache_dtype=cache.manifest.dtype if cache else None)
     if cache:
-        cols = _cache_columns(cache)
+        cols = cache.row_columns()
         key = "question_id" if qa else "id"
         table = cache.read_ids(set(wanted.to_pylist()), cols, key=key) if wanted is not None else cache.read(cols)
     else:  # under the size limit: the texts fit here
@@ -309,7 +302,7 @@ def _predict_ray(opts: PredictOptions, runs: list[str], corpus, cache, wanted, q
 
     connect()
     if cache:
-        ds = cache.dataset(columns=_cache_columns(cache))
+        ds = cache.dataset(columns=cache.row_columns())
         if wanted is not None:
             ds = ds.map_batches(_keep_ids, fn_kwargs={"wanted": wanted, "key": "question_id" if qa else "id"},
                                 batch_format="pyarrow")

@@ -225,9 +225,7 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     label_args = {"labels": labels, "kind": task.type, "references": refs}
     labelled = None  # a table of every split's rows, where they are cut on the driver
     if source == "cache":
-        cols = ["id", "length", "hidden"] + (["scale"] if cache_obj.manifest.dtype == "int8" else []) + \
-               (["word_ids"] if task.type == "token_classification" else []) + \
-               (["question_id", "offset_start", "offset_end"] if qa else [])
+        cols = cache_obj.row_columns(task.type)
         if cache_obj.manifest.bytes <= driver_read_bytes():
             # A small cache is read here, in one filtered pass (the task's ids): Ray Data's read tasks would first
             # start cold worker processes, 10-15 s of a small run (BENCHMARKS.md, the fixed cost of one run).
