@@ -140,10 +140,11 @@ def fmt_seconds(s: float) -> str:
 
 class progress:
     """Steps of a long job: on a terminal one bar redrawn in place, elsewhere (logs, CI, a Ray Job) a line per
-    step. `update(done, detail)`; `close()` ends the bar's line."""
+    step. `update(done, detail)`; `close()` ends the bar's line. A total of 0: not known, no bar (the detail
+    alone)."""
 
     def __init__(self, stage: str, total: int):
-        self.stage, self.total, self.t0 = stage, max(total, 1), time.perf_counter()
+        self.stage, self.total, self.t0 = stage, total, time.perf_counter()
         self.tty = sys.stderr.isatty()
         self._open = False
 
@@ -152,9 +153,9 @@ class progress:
             say(self.stage, detail)
             return
         width = 24
-        filled = int(width * min(done, self.total) / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r\033[K[er_ray {self.stage}] [{bar}] {detail}")
+        filled = int(width * min(done, self.total) / self.total) if self.total > 0 else 0
+        bar = f"[{'#' * filled + '.' * (width - filled)}] " if self.total > 0 else ""
+        sys.stderr.write(f"\r\033[K[er_ray {self.stage}] {bar}{detail}")
         sys.stderr.flush()
         self._open = True
 

@@ -268,8 +268,6 @@ ROWS_PER_CALL = 1024  # rows handed to a predictor at a time (it batches them by
 def _predict_here(opts: PredictOptions, runs: list[str], corpus, cache, wanted, qa: bool):
     """The predictor's tables, computed on this process (no Ray): the cache's rows read in one filtered pass, or
     the corpus files; progress every 10 s."""
-    import time
-
     from . import console
 
     console.terminate_as_interrupt()  # as under Ray: `kill` takes Ctrl-C's path
@@ -281,14 +279,29 @@ def _predict_here(opts: PredictOptions, runs: list[str], corpus, cache, wanted, 
         table = cache.read_ids(set(wanted.to_pylist()), cols, key=key) if wanted is not None else cache.read(cols)
     else:  # under the size limit: the texts fit here
         table = pa.concat_tables([_read_files(pa.table({"file": [f]}), corpus.columns) for f in corpus.files])
-    bar, last = console.progress("predict", table.num_rows), time.perf_counter()
+    # counted as they come out: a question answering model's rows are windows (from text: not known before)
+    slices = (predictor(table.slice(s, ROWS_PER_CALL)) for s in range(0, table.num_rows, ROWS_PER_CALL))
+    yield from _told(slices, None if qa and not cache else table.num_rows, "windows" if qa else "documents",
+                     "on this process")
+
+
+def _told(tables, total: int | None, noun: str, where: str, every: float = 10.0):
+    """The predictor's tables passed on, with a progress line every `every` seconds: rows done of `total` (None:
+    not known before the end, e.g. a corpus read by Ray tasks) and the rate."""
+    import time
+
+    from . import console
+
+    bar, t0 = console.progress("predict", total or 0), time.perf_counter()
+    last, done = t0, 0
     try:
-        for start in range(0, table.num_rows, ROWS_PER_CALL):
-            yield predictor(table.slice(start, ROWS_PER_CALL))
-            if time.perf_counter() - last > 10:
-                last, done = time.perf_counter(), min(start + ROWS_PER_CALL, table.num_rows)
-                bar.update(done, f"{fmt_count(done)} of {fmt_count(table.num_rows)} "
-                                 f"{('windows' if cache else 'questions') if qa else 'documents'} on this process")
+        for t in tables:
+            done += t.num_rows
+            yield t
+            if time.perf_counter() - last > every:
+                last = time.perf_counter()
+                of = f" of {fmt_count(total)}" if total else ""
+                bar.update(done, f"{fmt_count(done)}{of} {noun} {where}, {done / (last - t0):,.0f}/s")
     finally:
         bar.close()
 
@@ -317,7 +330,11 @@ def _predict_ray(opts: PredictOptions, runs: list[str], corpus, cache, wanted, q
                                                            "cache_dtype": cache.manifest.dtype if cache else None},
                          batch_format="pyarrow", batch_size=ROWS_PER_CALL,
                          compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpus else 0, num_cpus=1)
-    yield from out.iter_batches(batch_size=None, batch_format="pyarrow")
+    # a cache's rows are known before the pass (of the wanted ids, those missing are counted after it); a
+    # question answering model's rows are windows, not the questions asked for
+    total = None if not cache or qa else len(wanted) if wanted is not None else cache.manifest.rows
+    yield from _told(out.iter_batches(batch_size=None, batch_format="pyarrow"), total,
+                     "windows" if qa else "documents", "by Ray Data")
 
 
 def _write_answers(predicted, corpus, outputs: list[str]) -> int:

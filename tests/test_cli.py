@@ -142,3 +142,19 @@ def test_cli_options_are_the_api_dataclasses():
                                                                           max_train_examples=None, model="mpnet"))
     ns = parser.parse_args(["fetch", "minilm,trec", "wnut16"])
     assert cli.options_from(ns, cli.FetchOptions).names == ["minilm", "trec", "wnut16"]
+
+
+def test_predict_progress_counts_rows_and_says_where_and_how_fast(capsys):
+    # Both ways of predicting (this process, Ray Data's actors) tell their progress through this one helper; here it
+    # prints on every table (every=0): rows done, of the total where it is known, the rate.
+    import pyarrow as pa
+
+    from er_ray.predict import _told
+
+    tables = [pa.table({"id": [str(i) for i in range(n)]}) for n in (1024, 1024, 300)]
+    assert [t.num_rows for t in _told(iter(tables), 2348, "documents", "by Ray Data", every=0)] == [1024, 1024, 300]
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.match(r"\[er_ray predict\] ([\d,]+) of 2,348 documents by Ray Data, [\d,]+/s$", x).group(1)
+            for x in lines] == ["1,024", "2,048", "2,348"]
+    list(_told(iter(tables[:1]), None, "windows", "on this process", every=0))  # a total not known: no "of"
+    assert re.fullmatch(r"\[er_ray predict\] 1,024 windows on this process, [\d,]+/s\n", capsys.readouterr().err)
