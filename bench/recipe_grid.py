@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-train-examples", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--warmup", type=float, default=None, help="share of the steps warming up (default: er_ray's)")
     ap.add_argument("--adapters", default="lora,bottleneck,full")
     ap.add_argument("--lr-lora", default="3e-4,1e-3,3e-3,1e-2")
     ap.add_argument("--lr-bottleneck", default="3e-4,1e-3,3e-3")
@@ -76,19 +77,21 @@ def main():
     names = a.task or list(BUILTIN_TASKS)
     seeds = [int(s) for s in a.seeds.split(",")]
     half = fingerprint(a.model, a.max_length)["num_layers"] // 2
+    wu = "" if a.warmup is None else f"-wu{a.warmup:g}"
     work = Path(a.work) / f"{a.model}-{a.max_train_examples}x{a.epochs}"
     floors = {t: majority(t) for t in names}
     base = dict(task=names, model=a.model, epochs=a.epochs, patience=None, max_length=a.max_length,
-                max_train_examples=a.max_train_examples)
+                max_train_examples=a.max_train_examples, **({} if a.warmup is None else {"warmup": a.warmup}))
     rows, t0 = [], time.perf_counter()
     ft_lrs = _floats(a.lr_finetune)
     for seed in seeds:
         for adapter in filter(None, a.adapters.split(",")):  # --adapters "": fine-tuning only
             lrs = _floats(getattr(a, f"lr_{adapter}"))
-            res = sweep(SweepOptions(train=TrainOptions(**base, seed=seed, output=str(work / f"{adapter}-s{seed}")),
+            out = str(work / f"{adapter}{wu}-s{seed}")  # another warm-up: other runs, in their own folder
+            res = sweep(SweepOptions(train=TrainOptions(**base, seed=seed, output=out),
                                      cut_layer=[half], adapter=[adapter], adapter_size=[16], learning_rate=lrs,
                                      scheduler="fifo", caches=str(work / "caches")))
-            rows += [{"arm": adapter, "learning_rate": r["learning_rate"], "task": r["task"], "seed": seed,
+            rows += [{"arm": adapter + wu, "learning_rate": r["learning_rate"], "task": r["task"], "seed": seed,
                       "dev": r["dev"], "test": r["test"], "status": r["status"]} for r in res["trials"]]
         if ft_lrs:
             runs = [(TrainOptions(**dict(base, task=[t]), seed=seed, full_finetune=True, learning_rate=lr,
@@ -103,7 +106,7 @@ def main():
     Path(a.out).mkdir(parents=True, exist_ok=True)
     arms = "+".join(filter(None, [*a.adapters.split(","), "finetune" if ft_lrs else ""]))
     seeds_ = a.seeds.replace(",", "")
-    path = Path(a.out) / f"recipe_grid_{a.model}_{a.max_train_examples}x{a.epochs}_{arms}_s{seeds_}.json"
+    path = Path(a.out) / f"recipe_grid_{a.model}_{a.max_train_examples}x{a.epochs}{wu}_{arms}_s{seeds_}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])
     print(f"-> {path}")

@@ -168,6 +168,8 @@ class RecipeOptions:
     budget_seconds: float | None = None
     """seconds of training to spend (e.g. what fine-tuning took): after the first epoch, the epochs that fit are
     planned, at most --epochs, and the learning rate decays over them; set --epochs high enough"""
+    warmup: float = 0.06
+    """share of the steps over which the learning rate rises to its peak, before it decays linearly to 0"""
     patience: int | None = 2
     """stop after this many epochs without a better dev metric (none: train every epoch)"""
     batch_size: int = 32
@@ -183,6 +185,8 @@ class RecipeOptions:
 
     def __post_init__(self):
         _at_least(self, 1, "epochs", "patience", "batch_size", "max_train_examples")
+        if not 0 <= self.warmup < 1:
+            raise OptionsError(f"--warmup is a share of the steps, from 0 to below 1, got {self.warmup}")
         if self.budget_seconds is not None and not self.budget_seconds > 0:
             raise OptionsError(f"--budget-seconds must be above 0, got {self.budget_seconds}")
         if self.zero_stage not in (0, 1, 2):

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .options import SweepOptions, TrainOptions, default_learning_rate
+from .options import RecipeOptions, SweepOptions, TrainOptions, default_learning_rate
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
@@ -100,8 +100,11 @@ def _trial_key(config: dict[str, Any]) -> dict[str, Any]:
 def _finished(run: str, config: dict[str, Any]) -> bool:
     """A run counts as this trial's only if it finished with the very same settings (epochs, examples, ...)."""
     marker = storage.join(run, "trial.json")
-    return storage.exists(storage.join(run, "metrics.json")) and storage.exists(marker) and \
-        storage.read_json(marker) == json.loads(json.dumps(_trial_key(config)))
+    if not (storage.exists(storage.join(run, "metrics.json")) and storage.exists(marker)):
+        return False
+    had = storage.read_json(marker)
+    had.get("train", {}).setdefault("warmup", RecipeOptions.warmup)  # trials from before --warmup: the default
+    return had == json.loads(json.dumps(_trial_key(config)))
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ class LoopConfig:
     hidden: int
     cache_dtype: str | None
     budget_seconds: float | None = None
+    warmup: float = 0.06
     max_train_examples: int | None = None
     """seconds of training to spend: after the first epoch, the epochs that fit are planned (at most `epochs`)"""
     threads: int | None = None
@@ -183,7 +184,7 @@ class Worker:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
         self.steps_per_epoch = max(1, -(-cfg.train_rows // (cfg.batch_size * self.world)))
-        self.plan = StepPlan(self.steps_per_epoch * cfg.epochs)
+        self.plan = StepPlan(self.steps_per_epoch * cfg.epochs, cfg.warmup)
         scheduler = warmup_then_linear_decay(optimizer, self.plan)
         self.engine = init_deepspeed(self.model, optimizer, scheduler,
                                      deepspeed_config(cfg.batch_size, self.world, cfg.zero_stage, cfg.precision),

@@ -471,6 +471,23 @@ def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
     assert plan.warmup == 24 and plan(99) == pytest.approx((400 - 99) / (400 - 24)) and plan(399) > 0 == plan(400)
 
 
+def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
+    from er_ray.errors import OptionsError
+    from er_ray.options import TrainOptions
+    from er_ray.train import run_name
+    from er_ray.train_loop import StepPlan
+
+    plan = StepPlan(62, 0.25)  # 2 epochs of 31 steps, a quarter warming up
+    assert plan.warmup == 15 and plan(0) == pytest.approx(1 / 15) and plan(14) == pytest.approx(1.0)
+    assert plan(30) == pytest.approx((62 - 30) / (62 - 15))  # then down to 0 over the other 47
+    assert run_name(TrainOptions(task=["trec"]), "trec", 6, "classification") == "trec-k3-lora16-s0"
+    assert run_name(TrainOptions(task=["trec"], warmup=0.25), "trec", 6, "classification") == \
+        "trec-k3-lora16-wu0.25-s0"  # another warm-up is another run, never the same folder
+    for bad in (1.0, -0.1):
+        with pytest.raises(OptionsError, match="--warmup"):
+            TrainOptions(task=["trec"], warmup=bad)
+
+
 def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(ray_local, tmp_path):
     """Issue 15's guard: every option at its default (but the size of the data), a recycled model must beat the
     majority class by a margin on every seed. clothing_rating at a new user's budget (512 examples, 2 epochs) is
