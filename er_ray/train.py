@@ -240,7 +240,24 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     say("train", f"{plan['name']}: dev {metrics['metric']} {fmt_score(metrics['dev'])}, test "
                  f"{fmt_score(metrics['test'])}, {fmt_seconds(metrics['seconds_per_epoch'])} per epoch -> {out}")
     say("train", f"{plan['name']}: {fmt_timeline(metrics['timeline'])}")
+    if warning := learned_nothing(metrics):
+        say("train", f"{plan['name']}: {warning}")
     return metrics
+
+
+def learned_nothing(metrics: dict[str, Any]) -> str | None:
+    """What to tell a user whose model gives one answer to everything on dev (one class for every example, no
+    entity in any sentence), or None. Seen with the default recipe: sms_spam's seed 1 at the majority class
+    (BENCHMARKS.md, the default recipe); a score alone does not show it."""
+    dev = metrics.get("dev_all") or {}
+    if dev.get("classes_predicted") == 1:
+        what = f"predicts one class for every dev example (dev accuracy {fmt_score(dev['accuracy'])} is its share)"
+    elif dev.get("spans_predicted") == 0:
+        what = "finds no entity in any dev sentence"
+    else:
+        return None
+    return (f"the model {what}: it learned nothing else. Try a lower --learning-rate (now "
+            f"{metrics['learning_rate']:g}), a longer --warmup, or more --epochs")
 
 
 # The phases of a run, in order: what the driver spent before Ray Train (Ray, the data), Ray Train starting the

@@ -292,12 +292,14 @@ class Worker:
         if self.spec.task_type == "question_answering":
             return self.evaluate_answers(split)
         correct = tp = fp = fn = tokens_ok = total = 0
+        predicted = torch.zeros(len(self.cfg.labels), dtype=torch.float64)  # how often each class was the answer
         with torch.no_grad():
             for x, mask, y, wids in self.batches(split, None):
                 pred = self.engine(x.to(self.device), mask.to(self.device)).float().cpu().argmax(-1)
                 if wids is None:
                     correct += int((pred == y).sum())
                     total += len(y)
+                    predicted += torch.bincount(pred, minlength=len(predicted)).double()
                     continue
                 keep = y != IGNORE
                 tokens_ok += int((pred[keep] == y[keep]).sum())
@@ -307,15 +309,18 @@ class Worker:
                     a, b, c = span_counts([names[t] for t in y[j][keep[j]].tolist()],
                                           [names[t] for t in pred[j][keep[j]].tolist()])
                     tp, fp, fn = tp + a, fp + b, fn + c
-        counts = torch.tensor([correct, tp, fp, fn, tokens_ok, total], dtype=torch.float64)
+        counts = torch.cat([torch.tensor([correct, tp, fp, fn, tokens_ok, total], dtype=torch.float64), predicted])
         if self.world > 1:
             dist.all_reduce(counts)
-        correct, tp, fp, fn, tokens_ok, total = counts.tolist()
+        (correct, tp, fp, fn, tokens_ok, total), predicted = counts[:6].tolist(), counts[6:]
         self.agree_to_keep(split)
         self.engine.train()
+        # one class for every example (or no entity at all) is a model that learned nothing: the driver says so
         if self.spec.task_type == "classification":
-            return {"accuracy": correct / max(total, 1), "examples": int(total)}
-        return {"span_f1": f1(tp, fp, fn), "token_accuracy": tokens_ok / max(total, 1), "examples": int(total)}
+            return {"accuracy": correct / max(total, 1), "examples": int(total),
+                    "classes_predicted": int((predicted > 0).sum())}
+        return {"span_f1": f1(tp, fp, fn), "token_accuracy": tokens_ok / max(total, 1), "examples": int(total),
+                "spans_predicted": int(tp + fp)}
 
     def evaluate_answers(self, split: str) -> dict:
         """Question answering: every window's start and end logits, gathered from all workers (a question's

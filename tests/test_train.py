@@ -115,7 +115,21 @@ def test_wnut16_reports_span_f1_and_its_default_recipe_finds_entities(ray_local,
     assert m["learning_rate"] == default_learning_rate("lora", "token_classification") != DEFAULT_LR["lora"]
     # It finds whole entities, on dev and on test: predicting "O" everywhere (94.7% of test words) scores 0 here.
     assert m["dev"] > 0.0 and m["test"] > 0.0, (m["dev"], m["test"])
-    assert m["test"] == m["test_all"]["span_f1"]
+    assert m["test"] == m["test_all"]["span_f1"] and m["dev_all"]["spans_predicted"] > 0
+
+
+def test_a_model_with_one_answer_for_everything_is_told_not_just_scored():
+    from er_ray.train import learned_nothing
+
+    def run(**dev):
+        return {"dev_all": dev, "learning_rate": 3e-3}
+
+    said = learned_nothing(run(accuracy=0.8678, examples=484, classes_predicted=1))  # sms_spam seed 1, as seen
+    assert "one class for every dev example" in said and "0.8678" in said and "--learning-rate (now 0.003)" in said
+    assert "no entity" in learned_nothing(run(span_f1=0.0, spans_predicted=0))
+    assert learned_nothing(run(accuracy=0.61, classes_predicted=3)) is None
+    assert learned_nothing(run(span_f1=0.0, spans_predicted=12)) is None  # wrong entities: a score, not this
+    assert learned_nothing(run(f1=0.5)) is None and learned_nothing({"learning_rate": 1e-3}) is None
 
 
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
@@ -509,6 +523,7 @@ def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(r
     got = run_all(runs, tmp_path / "out")
     assert all(m["learning_rate"] == DEFAULT_LR["lora"] and m["adapter"] == "lora" for m in got)
     assert all(m["test"] >= floor + 0.02 for m in got), ([m["test"] for m in got], floor)
+    assert all(m["dev_all"]["classes_predicted"] > 1 for m in got)
 
 
 def test_bf16_on_a_cpu_without_it_is_named_before_the_run(capsys):
