@@ -22,7 +22,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .options import RecipeOptions, SweepOptions, TrainOptions, default_learning_rate
+from .options import WARMUP, SweepOptions, TrainOptions, default_learning_rate
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
@@ -103,8 +103,12 @@ def _finished(run: str, config: dict[str, Any]) -> bool:
     if not (storage.exists(storage.join(run, "metrics.json")) and storage.exists(marker)):
         return False
     had = storage.read_json(marker)
-    had.get("train", {}).setdefault("warmup", RecipeOptions.warmup)  # trials from before --warmup: the default
-    return had == json.loads(json.dumps(_trial_key(config)))
+    had.get("train", {}).setdefault("warmup", None)  # trials from before --warmup had the default
+    if had != json.loads(json.dumps(_trial_key(config))):
+        return False
+    # "the default" warm-up is the adapter's, and a default can change: the run's own record decides
+    ran = storage.read_json(storage.join(run, "metrics.json")).get("settings", {}).get("warmup", WARMUP)
+    return ran == _trial_options(config).warmup_share()
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
-from .options import RecipeOptions, TrainOptions, default_learning_rate
+from .options import WARMUP, TrainOptions, default_learning_rate, default_warmup
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 
 
@@ -63,7 +63,8 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
     lr = opts.lr(task_type)
     lr_part = "" if lr == default_learning_rate(opts.adapter, task_type) else f"-lr{lr:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
-    warmup = "" if opts.warmup == RecipeOptions.warmup else f"-wu{opts.warmup:g}"
+    wu = opts.warmup_share()
+    warmup = "" if wu == default_warmup(opts.adapter) else f"-wu{wu:g}"
     return f"{task}-{kind}{lr_part}{budget}{warmup}-s{opts.seed}"
 
 
@@ -139,7 +140,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
-                        max_train_examples=opts.max_train_examples, warmup=opts.warmup)
+                        max_train_examples=opts.max_train_examples, warmup=opts.warmup_share())
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
 
 
@@ -354,14 +355,14 @@ def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any
             "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
             "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
             "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples,
-            "warmup": opts.warmup}
+            "warmup": opts.warmup_share()}
     if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
         del want["precision"]
     have = metrics.get("settings")
     if have is None:
         say("train", f"{name}: its finished run records no settings (an older er_ray made it): training it again")
         return None
-    have = {"warmup": RecipeOptions.warmup, **have}  # runs from before --warmup warmed up over the default share
+    have = {"warmup": WARMUP, **have}  # runs from before --warmup warmed up over 6% of their steps
     if changed := [f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v]:
         say("train", f"{name}: its finished run had other settings ({', '.join(changed)}): training it again")
         return None

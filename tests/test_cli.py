@@ -40,6 +40,10 @@ def test_train_help_states_the_default_learning_rates():
     for part, expected in ((classification, DEFAULT_LR), (tokens.split(";")[0], DEFAULT_LR_TOKENS)):
         stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", part))
         assert {a: float(v) for a, v in stated.items()} == expected, out
+    from er_ray.options import DEFAULT_WARMUP, WARMUP
+
+    warmup = out.split("--warmup WARMUP")[-1][:200]  # each kind's warm-up too, and the rest's
+    assert f"lora {DEFAULT_WARMUP['lora']:g}, the others and fine-tuning {WARMUP:g}" in warmup, warmup
 
 
 def test_every_verbs_help_formats():

@@ -487,16 +487,20 @@ def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
 
 def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
     from er_ray.errors import OptionsError
-    from er_ray.options import TrainOptions
+    from er_ray.options import DEFAULT_WARMUP, WARMUP, TrainOptions
     from er_ray.train import run_name
     from er_ray.train_loop import StepPlan
 
     plan = StepPlan(62, 0.25)  # 2 epochs of 31 steps, a quarter warming up
     assert plan.warmup == 15 and plan(0) == pytest.approx(1 / 15) and plan(14) == pytest.approx(1.0)
     assert plan(30) == pytest.approx((62 - 30) / (62 - 15))  # then down to 0 over the other 47
-    assert run_name(TrainOptions(task=["trec"]), "trec", 6, "classification") == "trec-k3-lora16-s0"
-    assert run_name(TrainOptions(task=["trec"], warmup=0.25), "trec", 6, "classification") == \
-        "trec-k3-lora16-wu0.25-s0"  # another warm-up is another run, never the same folder
+    # each kind's default (LoRA a quarter, the others and fine-tuning 6%) unless given; another one is another run
+    lora, ft = TrainOptions(task=["trec"]), TrainOptions(task=["trec"], full_finetune=True)
+    assert (lora.warmup_share(), ft.warmup_share()) == (0.25, 0.06) == (DEFAULT_WARMUP["lora"], WARMUP)
+    assert run_name(lora, "trec", 6, "classification") == "trec-k3-lora16-s0" == \
+        run_name(TrainOptions(task=["trec"], warmup=0.25), "trec", 6, "classification")
+    assert run_name(TrainOptions(task=["trec"], warmup=0.06), "trec", 6, "classification") == "trec-k3-lora16-wu0.06-s0"
+    assert run_name(ft, "trec", 6, "classification") == "trec-finetune-s0"
     for bad in (1.0, -0.1):
         with pytest.raises(OptionsError, match="--warmup"):
             TrainOptions(task=["trec"], warmup=bad)
