@@ -24,6 +24,7 @@ import numpy as np
 from .flops import layer_forward_flops, matmul_peak, model_shape, train_flops_per_token
 from .metrics import f1, span_counts
 from .model import IGNORE, span_loss
+from .options import WARMUP
 
 
 @dataclass
@@ -53,9 +54,10 @@ class LoopConfig:
     hidden: int
     cache_dtype: str | None
     budget_seconds: float | None = None
-    warmup: float = 0.06
-    max_train_examples: int | None = None
     """seconds of training to spend: after the first epoch, the epochs that fit are planned (at most `epochs`)"""
+    max_train_examples: int | None = None
+    warmup: float = WARMUP
+    """share of the steps warming up (resolved per adapter kind on the driver)"""
     threads: int | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -131,7 +133,7 @@ class StepPlan:
     """Warm-up, then linear decay to zero at `total` steps. The end may be moved while training (`replan`: a time
     budget fixes the epochs after the first); the decay then continues from where it is to the new end."""
 
-    def __init__(self, total: int, warmup_fraction: float = 0.06):
+    def __init__(self, total: int, warmup_fraction: float = WARMUP):
         self.warmup_fraction = warmup_fraction
         self.replan(total)
 
