@@ -472,12 +472,16 @@ def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
     assert m["planned_epochs"] == max(1, min(16, 1 + int((30 - first) // steady))) == m["epochs_run"] == \
         len(m["history"]), m
     assert 2 <= m["planned_epochs"] < 16 and m["train_seconds"] <= 30 + first  # planned from the first epoch
+    # warmed up over a quarter of the planned epochs (LoRA's default), then decayed to zero at their end
     lrs = [h["learning_rate"] for h in m["history"]]
-    assert lrs[-1] < 1e-9 and all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # decayed over the planned epochs
+    peak = lrs.index(max(lrs))
+    assert peak <= 0.25 * len(lrs) and lrs[-1] < 1e-9, lrs
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])), lrs
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
 
 
 def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
-    from er_ray.train_loop import StepPlan
+    from er_ray.schedule import StepPlan
 
     plan = StepPlan(1600)  # a budgeted run starts planned for its --epochs ceiling: 16 epochs of 100 steps
     assert plan.warmup == 96
@@ -489,7 +493,7 @@ def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
     from er_ray.errors import OptionsError
     from er_ray.options import DEFAULT_WARMUP, WARMUP, TrainOptions
     from er_ray.train import run_name
-    from er_ray.train_loop import StepPlan
+    from er_ray.schedule import StepPlan
 
     plan = StepPlan(62, 0.25)  # 2 epochs of 31 steps, a quarter warming up
     assert plan.warmup == 15 and plan(0) == pytest.approx(1 / 15) and plan(14) == pytest.approx(1.0)
