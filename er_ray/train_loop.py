@@ -162,7 +162,8 @@ class Worker:
         self.data_spec = {"source": cfg.source, "task_type": self.spec.task_type, "hidden": cfg.hidden,
                           "cache_dtype": cfg.cache_dtype, "pad_id": self.enc.tokenizer.pad_token_id or 0}
         self.tokenizer = self.enc.tokenizer if cfg.source == "text" else None
-        self.peak = matmul_peak(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, self.device.type)
+        self.peak_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.peak = matmul_peak(self.peak_dtype, self.device.type)
         self.kept: dict = {}  # the dev shard, held in memory after its first pass (train_data.KeptShard)
         self.setup_seconds = time.time() - self.started_at  # the model loaded, DeepSpeed started, the peak measured
 
@@ -247,12 +248,17 @@ class Worker:
             n_steps += 1
             n_ex += len(y)
         train_s = time.perf_counter() - t0
+        flops_per_s = flops / max(step_s, 1e-9)
+        if flops_per_s > self.peak:
+            # the peak was measured while other processes competed for the cores (several workers or runs starting
+            # at once: the demo once printed "MFU 137%"): measure it again now and keep the best seen
+            self.peak = max(self.peak, matmul_peak(self.peak_dtype, self.device.type))
         return {"train_loss": loss_sum / max(n_steps, 1), "train_seconds": train_s,
                 "learning_rate": float(self.engine.get_lr()[0]),  # at the epoch's end
                 "examples_per_second": n_ex * self.world / max(train_s, 1e-9), "data_seconds": data_s,
                 "step_seconds": step_s, "data_stall": data_s / max(train_s, 1e-9), "first_batch_seconds": first_batch_s,
-                # the step's model FLOP/s on this worker, against the matmul peak it measured at its start
-                "model_flops_per_second": flops / max(step_s, 1e-9), "mfu": flops / max(step_s, 1e-9) / self.peak}
+                # the step's model FLOP/s on this worker, against the best matmul peak it measured (at its start)
+                "model_flops_per_second": flops_per_s, "mfu": flops_per_s / self.peak}
 
     def evaluate(self, split: str) -> dict:
         import torch
