@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
-
-import ray
 
 from .errors import ErRayError
 
@@ -21,6 +20,8 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> None:
     and Ray Train V2 relies on its State API (without it Train's placement-group cleaner logs "State API may be
     temporarily unavailable" every few seconds, and Tune over Train hangs once a trial is stopped)."""
     import logging
+
+    import ray
 
     from . import console
 
@@ -56,14 +57,21 @@ def on_one_machine() -> bool:
     and a Ray this process already joined has a single node."""
     if os.environ.get("RAY_ADDRESS"):
         return False
-    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+    # a process that never imported Ray has not joined one (and one run on its own process should not pay ~1 s to
+    # import Ray for this question)
+    ray = sys.modules.get("ray")
+    return ray is None or not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
 
 
 def cluster_gpus() -> int:
+    import ray
+
     return int(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> float:
+    import ray
+
     return float(ray.cluster_resources().get("CPU", 1))
 
 
@@ -77,9 +85,12 @@ def release_orphaned_placement_groups() -> int:
     (the dashboard), and when that is slow or down the group stays reserved with no worker in it while every later
     trial waits for its CPUs (seen: a study hung 20 minutes on 2 CPUs). The GCS itself records whether a group's
     creator actor is dead: the sweep's driver asks it after every trial and removes what nobody can use."""
+    import ray
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    if not ray.is_initialized():  # (get_runtime_context would start a local Ray to find no group in it)
+        return 0
     job = ray.get_runtime_context().get_job_id()
     removed = 0
     for pg in _placement_groups():
@@ -101,6 +112,7 @@ def release_ended_groups(timeout: float = 20.0) -> int:
     or orphaned, and remove the orphans; returns how many it removed. Trap: a trial ends in Tune before its
     controller actor dies, so a check right at the end finds the group's creator alive, and the CPUs stay
     reserved for the rest of the job (a study's seed runs then waited for them: CI saw one such group)."""
+    import ray
     from ray.core.generated import gcs_pb2
 
     job = ray.get_runtime_context().get_job_id()
@@ -138,6 +150,7 @@ def _actor_classes() -> dict[str, str]:
 def who_holds(resource: str = "CPU") -> str:
     """What holds the cluster's CPUs (or GPUs) now, in one line: each placement group's share with its name, job
     and creator, and what tasks and actors outside any group hold. For a run that waited too long for its workers."""
+    import ray
     from ray.core.generated import gcs_pb2
 
     total, free = ray.cluster_resources().get(resource, 0), ray.available_resources().get(resource, 0)

@@ -160,6 +160,8 @@ def trial_lines():
     of Tune's status tables (those come back with --verbose)."""
     from ray.tune import Callback
 
+    from .train import learned_nothing
+
     class TrialLines(Callback):
         last, ended = 0.0, 0
 
@@ -174,7 +176,12 @@ def trial_lines():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.ended += 1
-            say("sweep", f"{_flatten(trial.config)['name']}: ended ({self.ended}/{len(trials)} trials)")
+            config = _flatten(trial.config)
+            say("sweep", f"{config['name']}: ended ({self.ended}/{len(trials)} trials)")
+            # the trial's own warning went to its worker's log: tell it here (a trial ASHA stopped has no metrics)
+            metrics = storage.join(config["train"]["output"], "runs", config["name"], "metrics.json")
+            if storage.exists(metrics) and (warning := learned_nothing(storage.read_json(metrics))):
+                say("sweep", f"{config['name']}: {warning}")
             self._release()
 
         def on_trial_error(self, iteration, trials, trial, **info):

@@ -253,3 +253,26 @@ def test_the_grid_takes_each_task_types_default_learning_rate():
             [("lora", default_learning_rate("lora", task_type)), ("full", DEFAULT_LR["full"])]
     given = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora"], learning_rate=[2e-3])
     assert {p["learning_rate"] for p in grid(given, 6, "token_classification")} == {2e-3}  # given rates win
+
+
+def test_a_trial_that_learned_nothing_is_told_on_the_sweeps_console(tmp_path, capsys):
+    """The trial's own warning goes to its worker's log; the driver's trial lines say it when the trial ends."""
+    from types import SimpleNamespace
+
+    from er_ray.sweep import trial_lines
+
+    def trial(name, classes):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"dev_all": {"accuracy": 0.8678, "classes_predicted": classes}, "learning_rate": 3e-3}))
+        return SimpleNamespace(config={"trial": {"name": name, "train": {"output": str(tmp_path)}}}, last_result={})
+
+    lines = trial_lines()
+    collapsed, learned, stopped = trial("sms-a", 1), trial("sms-b", 2), trial("sms-c", 1)
+    (tmp_path / "runs" / "sms-c" / "metrics.json").unlink()  # ASHA stopped it: no metrics.json, nothing to say
+    for t in (collapsed, learned, stopped):
+        lines.on_trial_complete(0, [collapsed, learned, stopped], t)
+    err = capsys.readouterr().err
+    assert "sms-a: the model predicts one class for every dev example" in err and "sms-b: the" not in err
+    assert "sms-c: ended (3/3 trials)" in err and "sms-c: the" not in err
