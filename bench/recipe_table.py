@@ -6,6 +6,11 @@ under 0.05; recipe_grid.py's rule).
     python bench/recipe_table.py /work/grid/minilm-512x2 --baseline 0.003/0.06
     python bench/recipe_table.py /work/grid64/minilm-1000x2 bench/results/study15_minilm_seeds012_partial \\
         --cut-layer 3 --baseline 0.003/0.06
+    python bench/recipe_table.py /work/grid/minilm-512x2 --arm 0.003/0.25 \\
+        --finetune bench/results/recipe_grid_minilm_512x2_finetune_s012.json
+
+--finetune (a folder of runs, or a recipe_grid.py JSON) adds a table: an arm's mean over seeds per task beside
+fine-tuning's at its default learning rate (1e-4), and the gap.
 
 Every metrics.json under the folders counts (recycled LoRA runs at --cut-layer; fine-tuning and time-budgeted
 runs are left out). A run from before --warmup existed warmed up over 6% of its steps.
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipe_grid import collapsed, majority  # noqa: E402
 
 OLD_WARMUP = 0.06  # every run before the option
+FINETUNE_LR = 1e-4  # fine-tuning's default
 
 
 def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int, float]]]:
@@ -39,11 +45,42 @@ def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int,
     return arms
 
 
+def finetune_of(source: str) -> dict[str, dict[int, float]]:
+    """task -> seed -> test score of fine-tuning at its default rate, from runs' metrics.json or a grid's JSON."""
+    got: dict[str, dict[int, float]] = {}
+    if source.endswith(".json"):
+        for r in json.loads(Path(source).read_text())["rows"]:
+            if r["arm"] == "finetune" and r["learning_rate"] == FINETUNE_LR and r.get("test") is not None:
+                got.setdefault(r["task"], {})[r["seed"]] = r["test"]
+        return got
+    for f in sorted(Path(source).rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if m.get("full_finetune") and not m.get("budget_seconds") and m["learning_rate"] == FINETUNE_LR:
+            got.setdefault(m["task"], {})[m["seed"]] = m["test"]
+    return got
+
+
+def against_finetune(scores: dict[str, dict[int, float]], finetune: dict[str, dict[int, float]], arm: str) -> None:
+    print(f"\n| task | fine-tuning ({FINETUNE_LR:g}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
+          "| worst seed's gap |")
+    print("|---|---|---|---|---|")
+    for t in sorted(scores):
+        if t not in finetune:
+            continue
+        f, r = finetune[t], scores[t]
+        worst = min((100 * (r[s] - f[s]) for s in r if s in f), default=None)
+        print(f"| {t} | {statistics.fmean(f.values()):.4f} ({len(f)}) | {statistics.fmean(r.values()):.4f} "
+              f"({len(r)}) | {100 * (statistics.fmean(r.values()) - statistics.fmean(f.values())):+.2f} | "
+              + (f"{worst:+.2f} |" if worst is not None else "- |"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--cut-layer", type=int, default=3)
     ap.add_argument("--baseline", default="0.003/0.06", help="the arm others are compared with: lr/warm-up")
+    ap.add_argument("--finetune", help="fine-tuning's runs (a folder) or a recipe_grid.py JSON: compare --arm")
+    ap.add_argument("--arm", default="0.003/0.25", help="the arm compared with fine-tuning (lr/warm-up)")
     a = ap.parse_args()
     arms = arms_of(a.folders, a.cut_layer)
     tasks = sorted({t for arm in arms.values() for t in arm})
@@ -64,6 +101,8 @@ def main() -> None:
         d = f"{statistics.fmean(diffs):+.2f} / {min(diffs):+.2f} ({len(diffs)} pairs)" if diffs and arm != a.baseline \
             else "-"
         print(f"| {arm} | " + " | ".join(cells) + f" | {d} | {fell}/{n} |")
+    if a.finetune:
+        against_finetune(arms.get(a.arm, {}), finetune_of(a.finetune), a.arm)
 
 
 if __name__ == "__main__":
