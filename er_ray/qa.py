@@ -27,6 +27,7 @@ import numpy as np
 MAX_LENGTH = 384  # the SQuAD defaults of BERT's reference code and of transformers' examples
 STRIDE = 128
 MAX_ANSWER_TOKENS = 30
+TRIVIAL_WORDS = 5  # the trivial baseline answers with the context's first five words (F1 ~0.09 on SQuAD's dev)
 
 
 def stride(max_length: int) -> int:
@@ -234,7 +235,16 @@ def score_windows(windows: Sequence[tuple]) -> dict[str, float]:
         predictions[qid] = best_span([w[4] for w in ws], [w[5] for w in ws], [w[1] for w in ws], ws[0][2])[0]
         references[qid] = ws[0][3]
     scores = squad_scores(predictions, references)
-    return {"f1": scores["f1"] / 100, "exact_match": scores["exact_match"] / 100, "examples": scores["questions"]}
+    # QA's majority class: the first words of each context, scored the same way. A model at or below it learned
+    # nothing (LoRA at 1e-2 sat there on SQuAD: dev F1 0.04-0.07 against 0.09; BENCHMARKS.md).
+    trivial = squad_scores({q: first_words(ws[0][2]) for q, ws in by_question.items()}, references)
+    return {"f1": scores["f1"] / 100, "exact_match": scores["exact_match"] / 100, "examples": scores["questions"],
+            "baseline_f1": trivial["f1"] / 100}
+
+
+def first_words(context: str, n: int = TRIVIAL_WORDS) -> str:
+    """The trivial answer: the context's first `n` words."""
+    return " ".join(context.split()[:n])
 
 
 def answers(wins: Sequence[Window], start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray],

@@ -27,6 +27,7 @@ from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
 from .options import WARMUP, TrainOptions, default_learning_rate, default_warmup
+from .qa import TRIVIAL_WORDS
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 
 
@@ -246,15 +247,23 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     return metrics
 
 
+# A QA model within this much dev F1 of the trivial answer learned nothing (bench/recipe_grid.py's collapse margin).
+QA_MARGIN = 0.02
+
+
 def learned_nothing(metrics: dict[str, Any]) -> str | None:
     """What to tell a user whose model gives one answer to everything on dev (one class for every example, no
-    entity in any sentence), or None. Seen with the default recipe: sms_spam's seed 1 at the majority class
-    (BENCHMARKS.md, the default recipe); a score alone does not show it."""
+    entity in any sentence, answers no better than a context's first words), or None. Seen with the default
+    recipe: sms_spam's seed 1 at the majority class (BENCHMARKS.md, the default recipe); a score alone does not
+    show it."""
     dev = metrics.get("dev_all") or {}
     if dev.get("classes_predicted") == 1:
         what = f"predicts one class for every dev example (dev accuracy {fmt_score(dev['accuracy'])} is its share)"
     elif dev.get("spans_predicted") == 0:
         what = "finds no entity in any dev sentence"
+    elif "baseline_f1" in dev and dev["f1"] < dev["baseline_f1"] + QA_MARGIN:
+        what = (f"answers no better than the first {TRIVIAL_WORDS} words of each context (dev F1 "
+                f"{fmt_score(dev['f1'])} against their {fmt_score(dev['baseline_f1'])})")
     else:
         return None
     return (f"the model {what}: it learned nothing else. Try a lower --learning-rate (now "

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from er_ray.pretrained import PACKAGED_MODELS
 from er_ray.tokenizer import qa_tokenizer_for
 from er_ray.qa import (QAError, answer_tokens, answers, best_span, exact_match, f1_score, normalize_answer,
-                       split_by_article, squad_rows, squad_scores, windows)
+                       score_windows, split_by_article, squad_rows, squad_scores, windows)
 
 
 def test_normalisation_is_the_official_scripts():
@@ -165,6 +165,13 @@ def test_windows_decoded_back_give_the_answers_and_full_marks(tokenizer):
     got = answers(wins, starts, ends, ["fr", "ca"], contexts)
     assert got == {"fr": "Paris", "ca": "Ottawa"}
     assert squad_scores(got, {"fr": ["Paris"], "ca": ["Ottawa", "Ottawa, Ontario"]})["exact_match"] == 100.0
+    # Scored as training scores them, beside the trivial answer (the context's first five words): "Ottawa is the
+    # capital of" against "Ottawa" is 1 of 4 tokens once "the" goes (F1 0.4); the fillers share nothing with "Paris".
+    ids, ctx = ["fr", "ca"], dict(zip(["fr", "ca"], contexts))
+    refs_ = {"fr": ["Paris"], "ca": ["Ottawa", "Ottawa, Ontario"]}
+    scored = score_windows([(ids[w.question], w.offsets, ctx[ids[w.question]], refs_[ids[w.question]], s, e)
+                            for w, s, e in zip(wins, starts, ends)])
+    assert scored == {"f1": 1.0, "exact_match": 1.0, "examples": 2, "baseline_f1": 0.2}
 
 
 def test_a_cache_shard_of_questions_is_a_row_per_window(tmp_path):

@@ -130,6 +130,10 @@ def test_a_model_with_one_answer_for_everything_is_told_not_just_scored():
     assert learned_nothing(run(accuracy=0.61, classes_predicted=3)) is None
     assert learned_nothing(run(span_f1=0.0, spans_predicted=12)) is None  # wrong entities: a score, not this
     assert learned_nothing(run(f1=0.5)) is None and learned_nothing({"learning_rate": 1e-3}) is None
+    # QA: LoRA at 1e-2 on SQuAD (dev F1 0.066 where the first five words of each context score 0.092)
+    said = learned_nothing(run(f1=0.066, exact_match=0.005, baseline_f1=0.092))
+    assert "no better than the first 5 words of each context" in said and "0.0660" in said, said
+    assert learned_nothing(run(f1=0.45, exact_match=0.3, baseline_f1=0.092)) is None
 
 
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
