@@ -108,7 +108,7 @@ def _finished(run: str, config: dict[str, Any]) -> bool:
         return False
     # "the default" warm-up is the adapter's, and a default can change: the run's own record decides
     ran = storage.read_json(storage.join(run, "metrics.json")).get("settings", {}).get("warmup", WARMUP)
-    return ran == _trial_options(config).warmup_share()
+    return ran == _trial_options(config).warmup_share(config["task_type"])
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:
@@ -271,8 +271,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         caches[task.spec.corpus] = ensure_cache(task, root, train.model, train.max_length, train.dtype, layers)
         corpus_seconds[task.spec.corpus] = corpus_seconds.get(task.spec.corpus, 0.0) + time.perf_counter() - t0
     cache_seconds = sum(corpus_seconds.values())
-    trials = [{"task": t, "task_name": loaded[t].name, "point": p, "name": trial_name(loaded[t].name, p, train.seed),
-               "cache": caches[loaded[t].spec.corpus]} for t in train.task for p in points[t]]
+    trials = [{"task": t, "task_name": loaded[t].name, "task_type": loaded[t].type, "point": p,
+               "name": trial_name(loaded[t].name, p, train.seed), "cache": caches[loaded[t].spec.corpus]}
+              for t in train.task for p in points[t]]
     concurrent = _concurrency(opts, len(trials))
     for t in trials:
         t.update(train=train_base, concurrent_workers=concurrent * train.workers)

@@ -64,8 +64,8 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
     lr = opts.lr(task_type)
     lr_part = "" if lr == default_learning_rate(opts.adapter, task_type) else f"-lr{lr:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
-    wu = opts.warmup_share()
-    warmup = "" if wu == default_warmup(opts.adapter) else f"-wu{wu:g}"
+    wu = opts.warmup_share(task_type)
+    warmup = "" if wu == default_warmup(opts.adapter, task_type) else f"-wu{wu:g}"
     return f"{task}-{kind}{lr_part}{budget}{warmup}-s{opts.seed}"
 
 
@@ -141,7 +141,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
-                        max_train_examples=opts.max_train_examples, warmup=opts.warmup_share())
+                        max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type))
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
 
 
@@ -364,7 +364,7 @@ def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any
             "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
             "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
             "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples,
-            "warmup": opts.warmup_share()}
+            "warmup": opts.warmup_share(task_type)}
     if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
         del want["precision"]
     have = metrics.get("settings")
