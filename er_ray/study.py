@@ -20,7 +20,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, say
-from .options import StudyOptions
+from .options import StudyOptions, finetune_lr_grid
 from .sweep import default_cut_layers, sweep
 from .train import run_all
 
@@ -34,6 +34,10 @@ EQUAL_TIME_EPOCHS = 4
 def at_half(adapter: str) -> str:
     """The variant name of an adapter kind's best configuration at k = L/2."""
     return f"recycled k=L/2 {adapter}"
+
+
+def _lrs(lrs: list[float]) -> str:
+    return ", ".join(f"{lr:g}" for lr in lrs)
 
 
 def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
@@ -62,7 +66,8 @@ def study(opts: StudyOptions) -> dict[str, Any]:
     caches: dict[str, dict[str, Any]] = {}
     for model, fp in fps.items():
         half = default_cut_layer(fp["num_layers"])
-        layers = sorted(set(grid.cut_layer or default_cut_layers(fp["num_layers"])) | {half})
+        types = {t.type for t in loaded.values()}
+        layers = sorted(set(grid.cut_layer or default_cut_layers(fp["num_layers"], types)) | {half})
         say("study", f"{model}: sweep over k in {layers}, adapters {grid.adapter} x {grid.adapter_size}")
         # The sweep of this model: the study's options, with this model, the first seed and its own folder.
         model_train = dataclasses.replace(train, model=model, seed=opts.seed[0], output=storage.join(out, model))
@@ -72,8 +77,9 @@ def study(opts: StudyOptions) -> dict[str, Any]:
         caches[model] = _cache_cost(storage.join(out, model, "cache.json"), sw)
         chosen = {task: choose(sw["trials"], loaded[task].name, half, model) for task in train.task}
         width = opts.max_concurrent_runs or max(1, cluster_gpus())
-        finetune_lr = pick_finetune_lr(dataclasses.replace(model_train, patience=None), train.task,
-                                       opts.finetune_learning_rate, storage.join(out, model), width)
+        finetune_lr = pick_finetune_lr(dataclasses.replace(model_train, patience=None),
+                                       {t: opts.finetune_learning_rate or finetune_lr_grid(loaded[t].type)
+                                        for t in train.task}, storage.join(out, model), width)
         pairs, labels = [], []
         for seed in opts.seed:
             base = dataclasses.replace(model_train, seed=seed, patience=None)
@@ -105,14 +111,15 @@ def study(opts: StudyOptions) -> dict[str, Any]:
     return write_report(runs, caches, opts, out)
 
 
-def pick_finetune_lr(base, task_names: list[str], lrs: list[float], out: str, width: int) -> dict[str, float]:
-    """Fine-tuning done well: per task, its learning rate picked on dev from `lrs` with the first seed, as the
+def pick_finetune_lr(base, grids: dict[str, list[float]], out: str, width: int) -> dict[str, float]:
+    """Fine-tuning done well: per task, its learning rate picked on dev from its grid with the first seed, as the
     sweep picks the recycled configurations (the winner's run is that seed's fine-tuning run: not trained twice)."""
-    if len(lrs) == 1:
-        return {t: lrs[0] for t in task_names}
+    if all(len(lrs) == 1 for lrs in grids.values()):
+        return {t: lrs[0] for t, lrs in grids.items()}
     pairs = [(dataclasses.replace(base, task=[t], full_finetune=True, learning_rate=lr), t)
-             for t in task_names for lr in lrs]
-    say("study", f"fine-tuning's learning rate, picked on dev from {', '.join(f'{lr:g}' for lr in lrs)}: "
+             for t, lrs in grids.items() for lr in lrs]
+    shown = sorted({", ".join(f"{lr:g}" for lr in lrs) for lrs in grids.values()})
+    say("study", f"fine-tuning's learning rate, picked on dev from {' or '.join(shown)}: "
                  f"{len(pairs)} runs (seed {base.seed})")
     metrics = run_all(pairs, out, max_concurrent=width, skip_done=True)
     best: dict[str, tuple[float, float]] = {}
@@ -252,7 +259,9 @@ def write_report(runs: list[dict[str, Any]], caches: dict[str, dict[str, Any]], 
           + (f", at most {opts.train.max_train_examples} training examples" if opts.train.max_train_examples else "")
           + ".",
           "", "A row per configuration: fine-tuning (its learning rate picked on dev from "
-          f"{', '.join(f'{lr:g}' for lr in opts.finetune_learning_rate)} with the first seed); at k = L/2, the "
+          + (_lrs(opts.finetune_learning_rate) or f"{_lrs(finetune_lr_grid(None))} (question answering: "
+                                                   f"{_lrs(finetune_lr_grid('question_answering'))})")
+          + " with the first seed); at k = L/2, the "
           "best on dev of each adapter kind the sweep tried (lora, bottleneck, full: the whole upper layers); the "
           "sweep's best of all. Test scores are the mean "
           "(± standard deviation) over seeds of the epoch chosen on dev; `vs finetune` is the difference of means in "

@@ -28,8 +28,11 @@ SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "ad
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]
 
 
-def default_cut_layers(num_layers: int) -> list[int]:
-    return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
+def default_cut_layers(num_layers: int, task_types=()) -> list[int]:
+    """About L/3, L/2 and 2L/3; with question answering also L/4 (rounded down), the paper's cut for QA, where
+    er_ray's SQuAD runs pick it too (BENCHMARKS.md)."""
+    quarter = {max(1, num_layers // 4)} if "question_answering" in task_types else set()
+    return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)} | quarter)
 
 
 def grid(opts: SweepOptions, num_layers: int, task_type: str) -> list[dict[str, Any]]:
@@ -38,7 +41,7 @@ def grid(opts: SweepOptions, num_layers: int, task_type: str) -> list[dict[str, 
     from .encoders import check_cut_layer
 
     layers = opts.cut_layer or ([opts.train.cut_layer] if opts.train.cut_layer is not None else
-                                default_cut_layers(num_layers))
+                                default_cut_layers(num_layers, [task_type]))
     for k in layers:
         check_cut_layer(k, num_layers, opts.train.model)
     points = []

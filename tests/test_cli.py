@@ -32,12 +32,14 @@ def test_train_help_states_the_default_learning_rates():
     """The defaults come from a grid over every built-in task (BENCHMARKS.md); --help must say what they are."""
     import re
 
-    from er_ray.options import DEFAULT_LR, DEFAULT_LR_TOKENS
+    from er_ray.options import DEFAULT_LR, DEFAULT_LR_QA, DEFAULT_LR_TOKENS
 
     out = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines
-    text = out.split("--learning-rate LEARNING_RATE")[-1][:300]
+    text = out.split("--learning-rate LEARNING_RATE")[-1][:400]
     classification, tokens = text.split("for token classification:")
-    for part, expected in ((classification, DEFAULT_LR), (tokens.split(";")[0], DEFAULT_LR_TOKENS)):
+    tokens, answers = tokens.split("for question answering:")
+    for part, expected in ((classification, DEFAULT_LR), (tokens, DEFAULT_LR_TOKENS),
+                           (answers.split(";")[0], DEFAULT_LR_QA)):
         stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", part))
         assert {a: float(v) for a, v in stated.items()} == expected, out
     from er_ray.options import DEFAULT_WARMUP, WARMUP

@@ -255,6 +255,24 @@ def test_the_grid_takes_each_task_types_default_learning_rate():
     assert {p["learning_rate"] for p in grid(given, 6, "token_classification")} == {2e-3}  # given rates win
 
 
+def test_question_answering_has_its_own_defaults_a_lower_cut_and_higher_full_rates():
+    """SQuAD (BENCHMARKS.md): 1e-4 under-trains fine-tuning and `full`, and the sweep's pick is k = L/4."""
+    from er_ray.options import FINETUNE_LR_GRID, TrainOptions, default_learning_rate, finetune_lr_grid
+    from er_ray.sweep import default_cut_layers, grid
+
+    assert default_cut_layers(6) == [2, 3, 4] and default_cut_layers(6, ["question_answering"]) == [1, 2, 3, 4]
+    assert default_cut_layers(12, {"classification", "question_answering"}) == [3, 4, 6, 8]
+    opts = build(SweepOptions, task=["squad"], adapter=["full", "lora"], adapter_size=[16])
+    points = grid(opts, 6, "question_answering")
+    assert sorted({p["cut_layer"] for p in points}) == [1, 2, 3, 4]
+    assert {p["learning_rate"] for p in points if p["adapter"] == "full"} == {3e-4}
+    assert {p["learning_rate"] for p in points if p["adapter"] == "lora"} == {default_learning_rate("lora", "")}
+    finetune = TrainOptions(task=["squad"], full_finetune=True)
+    assert finetune.lr("question_answering") == 3e-4 and finetune.lr("classification") == 1e-4
+    assert finetune_lr_grid("question_answering") == [1e-4, 3e-4] and finetune_lr_grid("classification") == \
+        list(FINETUNE_LR_GRID[None]) == [1e-5, 3e-5, 1e-4]
+
+
 def test_a_trial_that_learned_nothing_is_told_on_the_sweeps_console(tmp_path, capsys):
     """The trial's own warning goes to its worker's log; the driver's trial lines say it when the trial ends."""
     from types import SimpleNamespace
