@@ -319,7 +319,8 @@ class SweepOptions:
                                 metadata={"hide": ("full_finetune", "from_text", "cache")})
     """what every trial shares (its cut layer, adapter, size and learning rate come from the grid)"""
     cut_layer: list[int] = field(default_factory=list)
-    """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers)"""
+    """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers; for question
+    answering also L/4)"""
     adapter: list[Adapter] = field(default_factory=lambda: list(ADAPTERS))
     """adapter kinds to try: lora, bottleneck, full (the whole upper layers); by default all three, the paper's
     configurations (a study reports the best of each at k = L/2)"""

@@ -118,7 +118,7 @@ def pick_finetune_lr(base, grids: dict[str, list[float]], out: str, width: int) 
         return {t: lrs[0] for t, lrs in grids.items()}
     pairs = [(dataclasses.replace(base, task=[t], full_finetune=True, learning_rate=lr), t)
              for t, lrs in grids.items() for lr in lrs]
-    shown = sorted({", ".join(f"{lr:g}" for lr in lrs) for lrs in grids.values()})
+    shown = sorted({_lrs(lrs) for lrs in grids.values()})
     say("study", f"fine-tuning's learning rate, picked on dev from {' or '.join(shown)}: "
                  f"{len(pairs)} runs (seed {base.seed})")
     metrics = run_all(pairs, out, max_concurrent=width, skip_done=True)
