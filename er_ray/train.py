@@ -261,6 +261,8 @@ def learned_nothing(metrics: dict[str, Any]) -> str | None:
         what = f"predicts one class for every dev example (dev accuracy {fmt_score(dev['accuracy'])} is its share)"
     elif dev.get("spans_predicted") == 0:
         what = "finds no entity in any dev sentence"
+    elif dev.get("span_f1") == 0:  # seen: 1 span over wnut16's 240 dev tweets after 7 steps, none of them right
+        what = f"finds no dev entity right (span F1 0, {dev['spans_predicted']} span(s) predicted)"
     elif "baseline_f1" in dev and dev["f1"] < dev["baseline_f1"] + QA_MARGIN:
         what = (f"answers no better than the first {TRIVIAL_WORDS} words of each context (dev F1 "
                 f"{fmt_score(dev['f1'])} against their {fmt_score(dev['baseline_f1'])})")
