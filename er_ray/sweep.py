@@ -111,7 +111,12 @@ def _finished(run: str, config: dict[str, Any]) -> bool:
         return False
     # "the default" warm-up is the adapter's, and a default can change: the run's own record decides
     ran = storage.read_json(storage.join(run, "metrics.json")).get("settings", {}).get("warmup", WARMUP)
-    return ran == _trial_options(config).warmup_share(config["task_type"])
+    # (a sweep saved by an older er_ray and restored by Tune has trial configs without the task's type)
+    if (task_type := config.get("task_type")) is None:
+        from . import tasks
+
+        task_type = tasks.load_task(config["task"]).type
+    return ran == _trial_options(config).warmup_share(task_type)
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:

@@ -294,3 +294,24 @@ def test_a_trial_that_learned_nothing_is_told_on_the_sweeps_console(tmp_path, ca
     err = capsys.readouterr().err
     assert "sms-a: the model predicts one class for every dev example" in err and "sms-b: the" not in err
     assert "sms-c: ended (3/3 trials)" in err and "sms-c: the" not in err
+
+
+def test_a_trial_saved_before_trials_knew_their_task_type_is_still_found_finished(tmp_path):
+    """Tune restores a sweep's trial configs as they were saved: one from before `task_type` was in them must still
+    be matched to its finished run (not a KeyError mid-sweep)."""
+    import dataclasses
+    import json
+
+    from er_ray.options import TrainOptions
+    from er_ray.sweep import _finished, _mark_finished
+
+    train = dataclasses.asdict(TrainOptions(task=["trec"], output=str(tmp_path)))
+    config = {"task": "trec", "point": {"cut_layer": 3, "adapter": "lora", "adapter_size": 16,
+                                        "learning_rate": 3e-3}, "train": train, "cache": str(tmp_path / "c")}
+    run = tmp_path / "runs" / "trec-k3-lora16-lr0.003-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.25}}))
+    _mark_finished(str(run), config)
+    assert _finished(str(run), config)  # the old config: its type read from the task
+    assert _finished(str(run), dict(config, task_type="classification"))
+    assert not _finished(str(run), dict(config, task_type="token_classification"))  # a tagger's default is 6%
