@@ -268,8 +268,12 @@ def learned_nothing(metrics: dict[str, Any]) -> str | None:
                 f"{fmt_score(dev['f1'])} against their {fmt_score(dev['baseline_f1'])})")
     else:
         return None
-    return (f"the model {what}: it learned nothing else. Try a lower --learning-rate (now "
-            f"{metrics['learning_rate']:g}), a longer --warmup, or more --epochs")
+    # Which way to move depends on the task type (a longer warm-up saved sms_spam and sank wnut16; BENCHMARKS.md):
+    # say what the run had, not a direction.
+    warmup = (metrics.get("settings") or {}).get("warmup")
+    had = f" (now {warmup:g})" if warmup is not None else ""
+    return (f"the model {what}: it learned nothing else. Try another --learning-rate (now "
+            f"{metrics['learning_rate']:g}) or --warmup{had}, or more --epochs or training examples")
 
 
 # The phases of a run, in order: what the driver spent before Ray Train (Ray, the data), Ray Train starting the

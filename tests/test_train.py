@@ -129,6 +129,8 @@ def test_a_model_with_one_answer_for_everything_is_told_not_just_scored():
 
     said = learned_nothing(run(accuracy=0.8678, examples=484, classes_predicted=1))  # sms_spam seed 1, as seen
     assert "one class for every dev example" in said and "0.8678" in said and "--learning-rate (now 0.003)" in said
+    said = learned_nothing({**run(classes_predicted=1, accuracy=0.55), "settings": {"warmup": 0.25}})
+    assert "--warmup (now 0.25)" in said, said  # what the run had, not a direction (it depends on the task type)
     assert "no entity" in learned_nothing(run(span_f1=0.0, spans_predicted=0))
     assert learned_nothing(run(accuracy=0.61, classes_predicted=3)) is None
     # a few spans, none right, is no better (seen: 1 span over 240 tweets); some right is a score, not this
