@@ -281,7 +281,7 @@ def learned_nothing(metrics: dict[str, Any]) -> str | None:
 # and the driver's publishing (the last report, Ray Train's shutdown, copying the model out).
 PHASES = {"ray_start": "Ray", "data": "data", "workers_start": "workers", "model_setup": "model setup",
           "train": "training", "evaluate": "dev", "checkpoint": "checkpoints", "finish": "test+export",
-          "publish": "publish"}
+          "publish": "publish", "restored": "read back (an earlier command trained it)"}
 
 
 def complete_timeline(metrics: dict[str, Any], before: dict[str, float], fit_started: float) -> None:
@@ -289,9 +289,16 @@ def complete_timeline(metrics: dict[str, Any], before: dict[str, float], fit_sta
     processes, maybe two nodes: a phase across them is as good as the nodes' clocks agree, well under a second.)"""
     worker = metrics.get("timeline", {})
     now = time.time()
-    metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
-                           "workers_start": max(0.0, metrics["started_at"] - fit_started), **worker,
-                           "publish": max(0.0, now - metrics["finished_at"])}
+    if metrics["finished_at"] < fit_started:
+        # Ray Train found the run finished in its storage (an output folder whose runs/ was deleted, ray/ kept) and
+        # trained nothing: the worker's phases are an earlier command's. Seen: "workers 0.0 s, ..., publish 52.7 s"
+        # under "23.7 s in all". This command only read the checkpoint back.
+        metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
+                               "restored": now - fit_started, "earlier": worker}
+    else:
+        metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
+                               "workers_start": max(0.0, metrics["started_at"] - fit_started), **worker,
+                               "publish": max(0.0, now - metrics["finished_at"])}
     metrics["timeline"]["total"] = sum(before.values()) + now - fit_started
 
 
