@@ -44,16 +44,17 @@ def build_cache(opts: CacheOptions) -> dict[int, Manifest]:
     from .pretrained import fingerprint
 
     storage.writable_folder(opts.output)
-    corpus = None
+    corpus, task_type = None, None  # a derived layer: no corpus here, the classification default
     if opts.derive_from is None:
         corpus = corpus_of(opts.corpus, opts.id_column, opts.text_column, opts.context_column)
-        opts = opts.for_task_types(["question_answering" if corpus.context_column else "classification"])
+        task_type = "question_answering" if corpus.context_column else "classification"
+        opts = opts.for_task_types([task_type])
     elif opts.max_length is None:  # a derived layer is cut from its source's rows: the source's max length
         source = storage.join(layer_dir(opts.output, opts.derive_from), "manifest.json")
         opts = replace(opts, max_length=Manifest.load(source).max_length) if storage.exists(source) else \
             opts.for_task_types([])  # no source: open_cache below says so
     fp = fingerprint(opts.model, opts.max_length)
-    layers = sorted(set(opts.cut_layer)) or [default_cut_layer(fp["num_layers"])]
+    layers = sorted(set(opts.cut_layer)) or [default_cut_layer(fp["num_layers"], task_type)]
     for k in layers:
         check_cut_layer(k, fp["num_layers"], fp["model"], allow_last=True)
     if opts.derive_from is not None:

@@ -40,7 +40,8 @@ def run(opts: DemoOptions) -> dict[str, Any]:
     loaded = [tasks.load_task(t) for t in train.task]
     train = train.for_task_types(t.type for t in loaded)
     fp = fingerprint(train.model, train.max_length)
-    k = default_cut_layer(fp["num_layers"]) if train.cut_layer is None else \
+    types = {t.type for t in loaded}  # one cut for every task: a type's default where they share one
+    k = default_cut_layer(fp["num_layers"], types.pop() if len(types) == 1 else None) if train.cut_layer is None else \
         check_cut_layer(train.cut_layer, fp["num_layers"], fp["model"])
     corpora = sorted({t.spec.corpus for t in loaded})
     connect()
@@ -66,7 +67,8 @@ def run(opts: DemoOptions) -> dict[str, Any]:
               f"{fmt_seconds(cache_s)}")
 
     size = "" if train.adapter == "full" else f" {train.adapter_size}"
-    _step(f"2/2 training {len(loaded)} task models from the cache ({train.adapter}{size}) and fully "
+    adapter = f"{train.adapter}{size}" if train.adapter else "each task type's default adapter"
+    _step(f"2/2 training {len(loaded)} task models from the cache ({adapter}) and fully "
           f"fine-tuning {opts.compare} from raw text (the baseline), all at once")
     # All at once, one thread each: the baseline and the recycled models share the cores on equal terms, so their
     # seconds per epoch compare fairly (and the whole step takes the time of the slowest run).

@@ -300,8 +300,12 @@ def mask_from_lengths(lengths: torch.Tensor, max_len: int | None = None) -> torc
     return (torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]).long()
 
 
-def default_cut_layer(num_layers: int) -> int:
-    """The paper's 50% cut: half the layers (rounded down)."""
+def default_cut_layer(num_layers: int, task_type: str | None = None) -> int:
+    """The paper's 50% cut: half the layers (rounded down); for extractive question answering its 25% (at least
+    layer 1). The paper finds QA loses more at half and caches a quarter; er_ray's SQuAD runs agree (MiniLM, 3 seeds:
+    the whole upper layers at k = 1 test F1 0.499 against fine-tuning's 0.432, at k = 3 0.432; BENCHMARKS.md)."""
+    if task_type == "question_answering":
+        return max(1, num_layers // 4)
     return num_layers // 2
 
 

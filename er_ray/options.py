@@ -82,6 +82,16 @@ def finetune_lr_grid(task_type: str) -> list[float]:
     return list(FINETUNE_LR_GRID.get(task_type, FINETUNE_LR_GRID[None]))
 
 
+# The adapter kind a run trains when none is given. Question answering: LoRA at the paper's 50% cut trails
+# fine-tuning by 6.5-9 F1 points on a SQuAD subset, where the whole upper layers over a quarter-layer cache are at or
+# above it on every seed (MiniLM, 3 seeds; BENCHMARKS.md). So QA's default is `full` at L/4 (encoders.py).
+DEFAULT_ADAPTER = {"question_answering": "full", None: "lora"}
+
+
+def default_adapter(task_type: str | None) -> str:
+    return DEFAULT_ADAPTER.get(task_type, DEFAULT_ADAPTER[None])
+
+
 def default_learning_rate(adapter: str, task_type: str) -> float:
     """The peak learning rate of an adapter kind (and task type) when none is given."""
     table = {"token_classification": DEFAULT_LR_TOKENS, "question_answering": DEFAULT_LR_QA}.get(task_type, {})
@@ -160,9 +170,11 @@ class VariantOptions:
     """What a task model is: where it is cut and what of it trains (a sweep's grid axes)."""
 
     cut_layer: int | None = None
-    """cut layer k: the task model runs layers k+1..L (default: half the layers)"""
-    adapter: Adapter = "lora"
-    """lora (PEFT, size = rank), bottleneck (Houlsby, size = width) or full (upper layers fully trained)"""
+    """cut layer k: the task model runs layers k+1..L (default: half the layers; question answering a quarter,
+    the paper's cut for QA)"""
+    adapter: Adapter | None = None
+    """lora (PEFT, size = rank), bottleneck (Houlsby, size = width) or full (upper layers fully trained) (default:
+    lora; question answering full, which reaches fine-tuning there where LoRA trails it; BENCHMARKS.md)"""
     adapter_size: int = 16
     """LoRA rank or bottleneck width"""
     learning_rate: float | None = None
@@ -176,7 +188,7 @@ class VariantOptions:
     lora: PEFT LoRA on every layer, what a PEFT user does without er_ray)"""
 
     def __post_init__(self):
-        if self.adapter not in ADAPTERS:
+        if self.adapter is not None and self.adapter not in ADAPTERS:
             raise OptionsError(f"--adapter must be one of {', '.join(ADAPTERS)}, not {self.adapter!r}")
         if self.full_finetune:
             self.adapter = "full"
@@ -185,9 +197,13 @@ class VariantOptions:
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise OptionsError(f"--learning-rate must be above 0, got {self.learning_rate}")
 
+    def adapter_for(self, task_type: str) -> str:
+        """The adapter kind this run trains on a task of this type: --adapter, or the type's default."""
+        return self.adapter or default_adapter(task_type)
+
     def lr(self, task_type: str) -> float:
         """The learning rate this run uses on a task of this type (required: each type has its own default)."""
-        return self.learning_rate or default_learning_rate(self.adapter, task_type)
+        return self.learning_rate or default_learning_rate(self.adapter_for(task_type), task_type)
 
 
 @dataclass(kw_only=True)
@@ -304,7 +320,16 @@ class TrainOptions(EncodingOptions, VariantOptions, RecipeOptions, ScaleOptions)
     def warmup_share(self, task_type: str) -> float:
         """The warm-up this run uses on a task of this type: --warmup, or its adapter kind's default (fine-tuning:
         `full`'s)."""
-        return default_warmup(self.adapter, task_type) if self.warmup is None else self.warmup
+        return default_warmup(self.adapter_for(task_type), task_type) if self.warmup is None else self.warmup
+
+    def for_task_types(self, types: Iterable[str]):
+        """These options with max_length (EncodingOptions) and the adapter kind resolved for tasks of these types;
+        an adapter the types default differently is left to each run (`adapter_for`)."""
+        types = list(types)
+        opts = EncodingOptions.for_task_types(self, types)
+        if opts.adapter is None and len(kinds := {default_adapter(t) for t in types}) == 1:
+            opts = replace(opts, adapter=kinds.pop())
+        return opts
 
     def require_task(self) -> None:
         if not self.task:
@@ -422,7 +447,8 @@ class CacheOptions(EncodingOptions, CorpusOptions, PoolOptions):
     """cache directory or URI (s3://bucket/prefix?endpoint_override=...); each cut layer goes to
     OUTPUT/layer=<k>/ with its manifest.json"""
     cut_layer: list[int] = field(default_factory=list)
-    """cut layer(s) k, comma-separated (e.g. 2,3,4): all from one forward pass (default: half the layers)"""
+    """cut layer(s) k, comma-separated (e.g. 2,3,4): all from one forward pass (default: half the layers; a
+    question-answering corpus a quarter)"""
     threads: int | None = None
     """torch threads per actor on CPU (default: the cluster's CPUs divided among the actors)"""
     shard_rows: int = 1024

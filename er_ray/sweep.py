@@ -31,7 +31,9 @@ SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "ad
 def default_cut_layers(num_layers: int, task_types=()) -> list[int]:
     """About L/3, L/2 and 2L/3; with question answering also L/4 (rounded down), the paper's cut for QA, where
     er_ray's SQuAD runs pick it too (BENCHMARKS.md)."""
-    quarter = {max(1, num_layers // 4)} if "question_answering" in task_types else set()
+    from .encoders import default_cut_layer
+
+    quarter = {default_cut_layer(num_layers, "question_answering")} if "question_answering" in task_types else set()
     return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)} | quarter)
 
 

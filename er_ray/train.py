@@ -58,21 +58,23 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
     runs that differ only in them would otherwise share a folder, and the second would replace the first."""
     from .encoders import default_cut_layer
 
-    k = default_cut_layer(num_layers) if opts.cut_layer is None else opts.cut_layer
-    kind = "finetune" if opts.full_finetune else f"k{k}-{opts.adapter}" + \
-        ("" if opts.adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
+    k = default_cut_layer(num_layers, task_type) if opts.cut_layer is None else opts.cut_layer
+    adapter = opts.adapter_for(task_type)
+    kind = "finetune" if opts.full_finetune else f"k{k}-{adapter}" + \
+        ("" if adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
     lr = opts.lr(task_type)
-    lr_part = "" if lr == default_learning_rate(opts.adapter, task_type) else f"-lr{lr:g}"
+    lr_part = "" if lr == default_learning_rate(adapter, task_type) else f"-lr{lr:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
     wu = opts.warmup_share(task_type)
-    warmup = "" if wu == default_warmup(opts.adapter, task_type) else f"-wu{wu:g}"
+    warmup = "" if wu == default_warmup(adapter, task_type) else f"-wu{wu:g}"
     return f"{task}-{kind}{lr_part}{budget}{warmup}-s{opts.seed}"
 
 
 def layout(opts: TrainOptions, task_name: str):
     """(options, task, model fingerprint, cut layer, source) of a run, checked. The options come back resolved
-    for the task's type (its max length: 384 for question answering, else 128, unless given): the one place a
-    run's options are resolved, so every later step reads the same value."""
+    for the task's type (its max length: 384 for question answering, else 128; its adapter kind: full for
+    question answering, else lora; unless given): the one place a run's options are resolved, so every later step
+    reads the same value."""
     from . import tasks
     from .encoders import check_cut_layer, default_cut_layer
     from .pretrained import fingerprint
@@ -80,7 +82,7 @@ def layout(opts: TrainOptions, task_name: str):
     task = tasks.load_task(task_name)
     opts = opts.for_task_types([task.type])
     fp = fingerprint(opts.model, opts.max_length)
-    k = 0 if opts.full_finetune else default_cut_layer(fp["num_layers"]) if opts.cut_layer is None else \
+    k = 0 if opts.full_finetune else default_cut_layer(fp["num_layers"], task.type) if opts.cut_layer is None else \
         check_cut_layer(opts.cut_layer, fp["num_layers"], fp["model"], allow_last=opts.adapter == "full")
     return opts, task, fp, k, "text" if opts.full_finetune or opts.from_text else "cache"
 
