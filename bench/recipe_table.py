@@ -10,7 +10,12 @@ under 0.05; recipe_grid.py's rule).
         --finetune bench/results/recipe_grid_minilm_512x2_finetune_s012.json
 
 --finetune (a folder of runs, or a recipe_grid.py JSON) adds a table: an arm's mean over seeds per task beside
-fine-tuning's at its default learning rate (1e-4), and the gap.
+fine-tuning's at its default learning rate (1e-4), and the gap. With --pick-on-dev, fine-tuning is done well
+(issue 15's fair baseline): per task and seed, the learning rate whose run scored best on dev, among every rate
+run, and the table says which rates won.
+
+    python bench/recipe_table.py bench/results/recipe_warmup_minilm/minilm-1000x2 --cut-layer 3 \
+        --finetune /work/grid64/minilm-1000x2 --pick-on-dev
 
 Every metrics.json under the folders counts (recycled LoRA runs at --cut-layer; fine-tuning and time-budgeted
 runs are left out). A run from before --warmup existed warmed up over 6% of its steps.
@@ -45,33 +50,47 @@ def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int,
     return arms
 
 
-def finetune_of(source: str) -> dict[str, dict[int, float]]:
-    """task -> seed -> test score of fine-tuning at its default rate, from runs' metrics.json or a grid's JSON."""
-    got: dict[str, dict[int, float]] = {}
+def finetune_runs(source: str) -> list[dict]:
+    """Fine-tuning's finished runs (task, seed, learning rate, dev, test), from runs' metrics.json or a grid's
+    JSON."""
     if source.endswith(".json"):
-        for r in json.loads(Path(source).read_text())["rows"]:
-            if r["arm"] == "finetune" and r["learning_rate"] == FINETUNE_LR and r.get("test") is not None:
-                got.setdefault(r["task"], {})[r["seed"]] = r["test"]
-        return got
+        return [r for r in json.loads(Path(source).read_text())["rows"]
+                if r["arm"] == "finetune" and r.get("test") is not None]
+    runs = []
     for f in sorted(Path(source).rglob("metrics.json")):
         m = json.loads(f.read_text())
-        if m.get("full_finetune") and not m.get("budget_seconds") and m["learning_rate"] == FINETUNE_LR:
-            got.setdefault(m["task"], {})[m["seed"]] = m["test"]
+        if m.get("full_finetune") and not m.get("budget_seconds") and m.get("test") is not None:
+            runs.append({k: m[k] for k in ("task", "seed", "learning_rate", "dev", "test")})
+    return runs
+
+
+def finetune_of(source: str, pick_on_dev: bool = False) -> dict[str, dict[int, dict]]:
+    """task -> seed -> fine-tuning's run: at its default rate, or (pick_on_dev) the rate best on dev."""
+    got: dict[str, dict[int, dict]] = {}
+    for r in finetune_runs(source):
+        if not pick_on_dev and r["learning_rate"] != FINETUNE_LR:
+            continue
+        mine = got.setdefault(r["task"], {})
+        if r["seed"] not in mine or r["dev"] > mine[r["seed"]]["dev"]:
+            mine[r["seed"]] = r
     return got
 
 
-def against_finetune(scores: dict[str, dict[int, float]], finetune: dict[str, dict[int, float]], arm: str) -> None:
-    print(f"\n| task | fine-tuning ({FINETUNE_LR:g}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
-          "| worst seed's gap |")
-    print("|---|---|---|---|---|")
+def against_finetune(scores: dict[str, dict[int, float]], finetune: dict[str, dict[int, dict]], arm: str,
+                     picked: bool) -> None:
+    which = "rate picked on dev" if picked else f"{FINETUNE_LR:g}"
+    print(f"\n| task | fine-tuning ({which}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
+          "| worst seed's gap |" + (" rates picked (seed: rate) |" if picked else ""))
+    print("|---|---|---|---|---|" + ("---|" if picked else ""))
     for t in sorted(scores):
         if t not in finetune:
             continue
-        f, r = finetune[t], scores[t]
+        f, r = {s: run["test"] for s, run in finetune[t].items()}, scores[t]
         worst = min((100 * (r[s] - f[s]) for s in r if s in f), default=None)
+        rates = ", ".join(f"{s}: {finetune[t][s]['learning_rate']:g}" for s in sorted(f))
         print(f"| {t} | {statistics.fmean(f.values()):.4f} ({len(f)}) | {statistics.fmean(r.values()):.4f} "
               f"({len(r)}) | {100 * (statistics.fmean(r.values()) - statistics.fmean(f.values())):+.2f} | "
-              + (f"{worst:+.2f} |" if worst is not None else "- |"))
+              + (f"{worst:+.2f} |" if worst is not None else "- |") + (f" {rates} |" if picked else ""))
 
 
 def main() -> None:
@@ -81,6 +100,8 @@ def main() -> None:
     ap.add_argument("--baseline", default="0.003/0.06", help="the arm others are compared with: lr/warm-up")
     ap.add_argument("--finetune", help="fine-tuning's runs (a folder) or a recipe_grid.py JSON: compare --arm")
     ap.add_argument("--arm", default="0.003/0.25", help="the arm compared with fine-tuning (lr/warm-up)")
+    ap.add_argument("--pick-on-dev", action="store_true",
+                    help="fine-tuning at the rate best on dev per task and seed, not at its default")
     a = ap.parse_args()
     arms = arms_of(a.folders, a.cut_layer)
     tasks = sorted({t for arm in arms.values() for t in arm})
@@ -102,7 +123,7 @@ def main() -> None:
             else "-"
         print(f"| {arm} | " + " | ".join(cells) + f" | {d} | {fell}/{n} |")
     if a.finetune:
-        against_finetune(arms.get(a.arm, {}), finetune_of(a.finetune), a.arm)
+        against_finetune(arms.get(a.arm, {}), finetune_of(a.finetune, a.pick_on_dev), a.arm, a.pick_on_dev)
 
 
 if __name__ == "__main__":
