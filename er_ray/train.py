@@ -294,9 +294,11 @@ def complete_timeline(metrics: dict[str, Any], before: dict[str, float], fit_sta
     if metrics["finished_at"] < fit_started:
         # Ray Train found the run finished in its storage (an output folder whose runs/ was deleted, ray/ kept) and
         # trained nothing: the worker's phases are an earlier command's. Seen: "workers 0.0 s, ..., publish 52.7 s"
-        # under "23.7 s in all". This command only read the checkpoint back.
+        # under "23.7 s in all". This command only read the checkpoint back; the earlier phases are kept apart
+        # (every entry of a timeline is seconds of this command).
         metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
-                               "restored": now - fit_started, "earlier": worker}
+                               "restored": now - fit_started}
+        metrics["earlier_timeline"] = worker
     else:
         metrics["timeline"] = {**{k: before.get(k, 0.0) for k in ("ray_start", "data")},
                                "workers_start": max(0.0, metrics["started_at"] - fit_started), **worker,

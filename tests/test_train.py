@@ -154,7 +154,7 @@ def test_a_run_restored_finished_is_not_timed_as_if_trained_now():
     earlier = {"started_at": now - 3600, "finished_at": now - 3550, "timeline": dict(worker)}
     complete_timeline(earlier, {"ray_start": 4.0, "data": 1.0}, fit_started=now - 2)
     tl = earlier["timeline"]
-    assert tl["earlier"] == worker and "train" not in tl and "publish" not in tl
+    assert earlier["earlier_timeline"] == worker and "train" not in tl and "publish" not in tl
     assert 2 <= tl["restored"] < 3 and 7 <= tl["total"] < 8
     assert "read back (an earlier command trained it)" in fmt_timeline(tl)
     trained = {"started_at": now - 40, "finished_at": now - 1, "timeline": dict(worker)}
