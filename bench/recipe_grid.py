@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--lr-lora", default="3e-4,1e-3,3e-3,1e-2")
     ap.add_argument("--lr-bottleneck", default="3e-4,1e-3,3e-3")
     ap.add_argument("--lr-full", default="3e-5,1e-4,3e-4")
-    ap.add_argument("--lr-finetune", default="1e-5,3e-5,1e-4", help="fine-tuning's grid (empty: no baseline)")
+    ap.add_argument("--lr-finetune", default="3e-5,1e-4,3e-4", help="fine-tuning's grid (empty: no baseline)")
     ap.add_argument("--work", default="/tmp/er_ray_grid")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()

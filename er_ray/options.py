@@ -73,9 +73,12 @@ def default_warmup(adapter: str, task_type: str) -> float:
     return table.get(adapter, WARMUP)
 
 
-# Fine-tuning's learning rates a study picks from on dev, per task type (--finetune-learning-rate replaces them):
-# issue 15's 1e-5..1e-4; question answering's fine-tuning is under-trained at 1e-4 on a small budget (above).
-FINETUNE_LR_GRID = {"question_answering": (1e-4, 3e-4), None: (1e-5, 3e-5, 1e-4)}
+# Fine-tuning's learning rates a study picks from on dev, per task type (--finetune-learning-rate replaces them).
+# Issue 15 asked for 1e-5..1e-4, but its top won every time: at 1,000 examples x 2 epochs (MiniLM, six classification
+# tasks) 3e-5 trailed 1e-4 on dev by 3-20 points everywhere, and 3e-4 beat 1e-4 on dev in most (task, seed) pairs
+# (BENCHMARKS.md, "A fair baseline"): a grid whose edge wins is not done well. Question answering's fine-tuning is
+# under-trained at 1e-4 on a small budget (above).
+FINETUNE_LR_GRID = {"question_answering": (1e-4, 3e-4), None: (3e-5, 1e-4, 3e-4)}
 
 
 def finetune_lr_grid(task_type: str) -> list[float]:
@@ -402,7 +405,7 @@ class StudyOptions:
     """seed runs at once (default: one per GPU; one at a time on CPUs, so that their times compare fairly)"""
     finetune_learning_rate: list[float] = field(default_factory=list)
     """fine-tuning's learning rates: each task's best on dev (first seed) is trained for every seed, so recycling
-    is compared with fine-tuning done well (one value: no pick; default 1e-5, 3e-5, 1e-4, and for question
+    is compared with fine-tuning done well (one value: no pick; default 3e-5, 1e-4, 3e-4, and for question
     answering 1e-4, 3e-4)"""
     match_finetune_time: bool = False
     """also train the sweep's pick for fine-tuning's training seconds (its seed's, task's): as many epochs as fit

@@ -270,7 +270,7 @@ def test_question_answering_has_its_own_defaults_a_lower_cut_and_higher_full_rat
     finetune = TrainOptions(task=["squad"], full_finetune=True)
     assert finetune.lr("question_answering") == 3e-4 and finetune.lr("classification") == 1e-4
     assert finetune_lr_grid("question_answering") == [1e-4, 3e-4] and finetune_lr_grid("classification") == \
-        list(FINETUNE_LR_GRID[None]) == [1e-5, 3e-5, 1e-4]
+        list(FINETUNE_LR_GRID[None]) == [3e-5, 1e-4, 3e-4]
 
 
 def test_a_question_answering_run_defaults_to_the_whole_upper_layers_over_a_quarter_cut():
