@@ -36,9 +36,9 @@ OLD_WARMUP = 0.06  # every run before the option
 FINETUNE_LR = 1e-4  # fine-tuning's default
 
 
-def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int, float]]]:
-    """arm ("lr/warm-up") -> task -> seed -> test score."""
-    arms: dict[str, dict[str, dict[int, float]]] = {}
+def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int, dict]]]:
+    """arm ("lr/warm-up") -> task -> seed -> the run's test score, training seconds and epochs."""
+    arms: dict[str, dict[str, dict[int, dict]]] = {}
     for folder in folders:
         for f in sorted(Path(folder).rglob("metrics.json")):
             m = json.loads(f.read_text())
@@ -46,7 +46,8 @@ def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int,
                     or m.get("adapter") != "lora" or m.get("test") is None:
                 continue
             arm = f"{m['learning_rate']:g}/{m.get('settings', {}).get('warmup', OLD_WARMUP):g}"
-            arms.setdefault(arm, {}).setdefault(m["task"], {})[m["seed"]] = m["test"]
+            arms.setdefault(arm, {}).setdefault(m["task"], {})[m["seed"]] = {
+                "test": m["test"], "train_seconds": m.get("train_seconds"), "epochs": m.get("epochs_run")}
     return arms
 
 
@@ -60,7 +61,8 @@ def finetune_runs(source: str) -> list[dict]:
     for f in sorted(Path(source).rglob("metrics.json")):
         m = json.loads(f.read_text())
         if m.get("full_finetune") and not m.get("budget_seconds") and m.get("test") is not None:
-            runs.append({k: m[k] for k in ("task", "seed", "learning_rate", "dev", "test")})
+            runs.append({k: m.get(k) for k in ("task", "seed", "learning_rate", "dev", "test", "train_seconds",
+                                               "epochs_run")})
     return runs
 
 
@@ -76,21 +78,29 @@ def finetune_of(source: str, pick_on_dev: bool = False) -> dict[str, dict[int, d
     return got
 
 
-def against_finetune(scores: dict[str, dict[int, float]], finetune: dict[str, dict[int, dict]], arm: str,
+def against_finetune(runs: dict[str, dict[int, dict]], finetune: dict[str, dict[int, dict]], arm: str,
                      picked: bool) -> None:
+    """Test scores side by side, and training seconds: the arm's mean over its runs against fine-tuning's
+    (the runs' own clocks: compare them only where both arms ran alike, e.g. two runs at a time)."""
     which = "rate picked on dev" if picked else f"{FINETUNE_LR:g}"
     print(f"\n| task | fine-tuning ({which}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
-          "| worst seed's gap |" + (" rates picked (seed: rate) |" if picked else ""))
-    print("|---|---|---|---|---|" + ("---|" if picked else ""))
-    for t in sorted(scores):
+          "| worst seed's gap | train s: fine-tuning / arm (epochs) |"
+          + (" rates picked (seed: rate) |" if picked else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if picked else ""))
+    for t in sorted(runs):
         if t not in finetune:
             continue
-        f, r = {s: run["test"] for s, run in finetune[t].items()}, scores[t]
+        f, r = {s: run["test"] for s, run in finetune[t].items()}, {s: run["test"] for s, run in runs[t].items()}
+        secs = [(finetune[t][s].get("train_seconds"), runs[t][s]["train_seconds"]) for s in r if s in f]
+        secs = [(a, b) for a, b in secs if a and b]
+        eps = sorted({run["epochs"] for run in runs[t].values()})
+        sec = (f"{statistics.fmean(a for a, _ in secs):.0f} / {statistics.fmean(b for _, b in secs):.0f} "
+               f"({'/'.join(map(str, eps))})") if secs else "-"
         worst = min((100 * (r[s] - f[s]) for s in r if s in f), default=None)
         rates = ", ".join(f"{s}: {finetune[t][s]['learning_rate']:g}" for s in sorted(f))
         print(f"| {t} | {statistics.fmean(f.values()):.4f} ({len(f)}) | {statistics.fmean(r.values()):.4f} "
               f"({len(r)}) | {100 * (statistics.fmean(r.values()) - statistics.fmean(f.values())):+.2f} | "
-              + (f"{worst:+.2f} |" if worst is not None else "- |") + (f" {rates} |" if picked else ""))
+              + (f"{worst:+.2f} |" if worst is not None else "- |") + f" {sec} |" + (f" {rates} |" if picked else ""))
 
 
 def main() -> None:
@@ -113,10 +123,10 @@ def main() -> None:
     for arm in sorted(arms):
         cells, diffs, fell, n = [], [], 0, 0
         for t in tasks:
-            got = arms[arm].get(t, {})
+            got = {s: run["test"] for s, run in arms[arm].get(t, {}).items()}
             cells.append(" ".join(f"{got[s]:.4f}" for s in sorted(got)) + (f" (s{','.join(map(str, sorted(got)))})"
                                                                             if got else "") or "-")
-            diffs += [100 * (got[s] - base[t][s]) for s in got if s in base.get(t, {})]
+            diffs += [100 * (got[s] - base[t][s]["test"]) for s in got if s in base.get(t, {})]
             fell += sum(collapsed(x, floors[t]) for x in got.values())
             n += len(got)
         d = f"{statistics.fmean(diffs):+.2f} / {min(diffs):+.2f} ({len(diffs)} pairs)" if diffs and arm != a.baseline \
