@@ -144,7 +144,29 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
                         max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type))
-    return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"]}
+    return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"],
+            "num_layers": fp["num_layers"]}
+
+
+ADAPTER_WORDS = {"lora": "LoRA of rank {size}", "bottleneck": "bottleneck adapters of width {size}",
+                 "full": "the whole upper layers"}
+
+
+def recipe_line(plan: dict[str, Any], opts: TrainOptions) -> str | None:
+    """What a recycled run trains, when er_ray chose where to cut or what to train (its defaults differ by task
+    type: a QA run is `full` at L/4 where a classifier is LoRA at L/2), so the console says what was chosen and
+    why, not only the run's name. None when the user chose both."""
+    if opts.full_finetune or (opts.cut_layer is not None and opts.adapter is not None):
+        return None
+    cfg, spec = plan["config"], plan["config"].spec
+    chosen = [name for name, given in (("cut layer", opts.cut_layer), ("adapter", opts.adapter),
+                                       ("learning rate", opts.learning_rate), ("warm-up", opts.warmup))
+              if given is None]
+    what = ADAPTER_WORDS[spec["adapter"]].format(size=spec["adapter_size"])
+    k, n = spec["cut_layer"], plan.get("num_layers")
+    return (f"{plan['name']}: layers {k + 1}..{n} over the layer-{k} cache, {what}, peak learning rate "
+            f"{cfg.learning_rate:g} after {cfg.warmup:.0%} of the steps: {', '.join(chosen)} at "
+            f"{spec['task_type'].replace('_', ' ')}'s default (er-ray train --help; BENCHMARKS.md)")
 
 
 # The dev metric each task type is judged and early-stopped by (question answering: SQuAD's F1, as a fraction)
@@ -222,6 +244,8 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
         datasets=plan["datasets"])
     rows = ", ".join(f"{s} {fmt_count(n)}" for s, n in plan["rows"].items())
     say("train", f"{plan['name']}: {rows} examples; {opts.workers} worker(s) x {per:.2f} CPU, {precision}")
+    if line := recipe_line(plan, opts):
+        say("train", line)
     fit_started = time.time()
     try:
         result = trainer.fit()

@@ -341,3 +341,30 @@ def test_a_trial_saved_before_trials_knew_their_task_type_is_still_found_finishe
     assert _finished(str(run), config)  # the old config: its type read from the task
     assert _finished(str(run), dict(config, task_type="classification"))
     assert not _finished(str(run), dict(config, task_type="token_classification"))  # a tagger's default is 6%
+
+
+def test_the_console_says_what_a_defaulted_run_trains_and_why():
+    """A QA run's defaults differ from a classifier's (full at L/4, not LoRA at L/2): the console says which were
+    chosen for the user, and says nothing when the user chose where to cut and what to train."""
+    from types import SimpleNamespace
+
+    from er_ray.options import TrainOptions
+    from er_ray.train import recipe_line
+
+    def plan(adapter, k, lr, warmup, task_type):
+        spec = {"adapter": adapter, "adapter_size": 16, "cut_layer": k, "task_type": task_type}
+        return {"name": "run", "num_layers": 6,
+                "config": SimpleNamespace(spec=spec, learning_rate=lr, warmup=warmup)}
+
+    qa = recipe_line(plan("full", 1, 3e-4, 0.06, "question_answering"), TrainOptions(task=["squad"]))
+    assert qa == ("run: layers 2..6 over the layer-1 cache, the whole upper layers, peak learning rate 0.0003 after "
+                  "6% of the steps: cut layer, adapter, learning rate, warm-up at question answering's default "
+                  "(er-ray train --help; BENCHMARKS.md)")
+    given_lr = TrainOptions(task=["trec"], learning_rate=1e-3)
+    assert "LoRA of rank 16" in recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), given_lr)
+    assert "cut layer, adapter, warm-up at classification's default" in \
+        recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), given_lr)
+    chosen = TrainOptions(task=["trec"], cut_layer=3, adapter="lora")
+    assert recipe_line(plan("lora", 3, 3e-3, 0.25, "classification"), chosen) is None
+    assert recipe_line(plan("full", 0, 1e-4, 0.06, "classification"), TrainOptions(task=["trec"], full_finetune=True)) \
+        is None
