@@ -26,7 +26,7 @@ import pyarrow as pa
 from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
-from .options import WARMUP, TrainOptions, default_learning_rate, default_warmup
+from .options import WARMUP, TrainOptions, default_adapter, default_learning_rate, default_warmup
 from .qa import TRIVIAL_WORDS
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 
@@ -153,19 +153,23 @@ ADAPTER_WORDS = {"lora": "LoRA of rank {size}", "bottleneck": "bottleneck adapte
 
 
 def recipe_line(plan: dict[str, Any], opts: TrainOptions) -> str | None:
-    """What a recycled run trains, when er_ray chose where to cut or what to train (its defaults differ by task
-    type: a QA run is `full` at L/4 where a classifier is LoRA at L/2), so the console says what was chosen and
-    why, not only the run's name. None when the user chose both."""
-    if opts.full_finetune or (opts.cut_layer is not None and opts.adapter is not None):
-        return None
+    """What a recycled run trains, when where it is cut or what of it trains is its task type's default (a QA run
+    is `full` at L/4 where a classifier is LoRA at L/2): the console says what that is and which choices were the
+    defaults, not only the run's name. None for fine-tuning, and when neither the cut nor the adapter is the
+    default. (The options here are already resolved per task type: a default is recognised by its value.)"""
+    from .encoders import default_cut_layer
+
     cfg, spec = plan["config"], plan["config"].spec
-    chosen = [name for name, given in (("cut layer", opts.cut_layer), ("adapter", opts.adapter),
-                                       ("learning rate", opts.learning_rate), ("warm-up", opts.warmup))
-              if given is None]
-    what = ADAPTER_WORDS[spec["adapter"]].format(size=spec["adapter_size"])
-    k, n = spec["cut_layer"], plan.get("num_layers")
+    ttype, adapter, k, n = spec["task_type"], spec["adapter"], spec["cut_layer"], plan["num_layers"]
+    defaults = {"cut layer": k == default_cut_layer(n, ttype), "adapter": adapter == default_adapter(ttype),
+                "learning rate": cfg.learning_rate == default_learning_rate(adapter, ttype),
+                "warm-up": cfg.warmup == default_warmup(adapter, ttype)}
+    if opts.full_finetune or not (defaults["cut layer"] or defaults["adapter"]):
+        return None
+    what = ADAPTER_WORDS[adapter].format(size=spec["adapter_size"])
+    chosen = ", ".join(d for d, is_default in defaults.items() if is_default)
     return (f"{plan['name']}: layers {k + 1}..{n} over the layer-{k} cache, {what}, peak learning rate "
-            f"{cfg.learning_rate:g} after {cfg.warmup:.0%} of the steps: {', '.join(chosen)} at "
+            f"{cfg.learning_rate:g} after {cfg.warmup:.0%} of the steps: {chosen} at "
             f"{spec['task_type'].replace('_', ' ')}'s default (er-ray train --help; BENCHMARKS.md)")
 
 

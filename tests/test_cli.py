@@ -128,6 +128,29 @@ def test_the_raylets_worker_count_warning_stays_off_the_console_unless_verbose()
         assert ("worker processes have been started" in out.stdout) == (mode == "verbose"), (mode, out.stdout)
 
 
+RAY_DATA_ADVICE = """
+import logging, sys
+from er_ray import console
+console.configure(verbose=sys.argv[1] == "verbose")
+import ray.data
+console.quiet_ray()
+logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager").warning(
+    "Operator 'MapBatches(ShardEncoder)' uses 2.5GiB of memory per worker on average")
+logging.getLogger("ray.data._internal.execution").warning("a Ray Data warning a user must see")
+"""
+
+
+def test_ray_datas_advice_on_er_rays_own_calls_stays_off_the_console_unless_verbose():
+    """An mpnet cache build printed Ray Data's issue detector's 14-line advice to set `memory=` on er_ray's own
+    encoder: nothing a user can act on. Other Ray Data warnings still come through."""
+    for mode in ("quiet", "verbose"):
+        out = subprocess.run([sys.executable, "-c", RAY_DATA_ADVICE, mode], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "a Ray Data warning a user must see" in out.stderr, (mode, out.stderr)
+        assert ("uses 2.5GiB of memory per worker" in out.stderr) == (mode == "verbose"), (mode, out.stderr)
+
+
 def test_bad_options_are_errors_not_tracebacks():
     out = run("demo", "--cut-layer", "9")
     assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 0..5 to cut at" in out.stderr

@@ -344,8 +344,8 @@ def test_a_trial_saved_before_trials_knew_their_task_type_is_still_found_finishe
 
 
 def test_the_console_says_what_a_defaulted_run_trains_and_why():
-    """A QA run's defaults differ from a classifier's (full at L/4, not LoRA at L/2): the console says which were
-    chosen for the user, and says nothing when the user chose where to cut and what to train."""
+    """A QA run's defaults differ from a classifier's (full at L/4, not LoRA at L/2): the console says what the run
+    trains and which choices were its task type's defaults; nothing when neither the cut nor the adapter is."""
     from types import SimpleNamespace
 
     from er_ray.options import TrainOptions
@@ -356,15 +356,16 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
         return {"name": "run", "num_layers": 6,
                 "config": SimpleNamespace(spec=spec, learning_rate=lr, warmup=warmup)}
 
-    qa = recipe_line(plan("full", 1, 3e-4, 0.06, "question_answering"), TrainOptions(task=["squad"]))
-    assert qa == ("run: layers 2..6 over the layer-1 cache, the whole upper layers, peak learning rate 0.0003 after "
-                  "6% of the steps: cut layer, adapter, learning rate, warm-up at question answering's default "
-                  "(er-ray train --help; BENCHMARKS.md)")
-    given_lr = TrainOptions(task=["trec"], learning_rate=1e-3)
-    assert "LoRA of rank 16" in recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), given_lr)
-    assert "cut layer, adapter, warm-up at classification's default" in \
-        recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), given_lr)
-    chosen = TrainOptions(task=["trec"], cut_layer=3, adapter="lora")
-    assert recipe_line(plan("lora", 3, 3e-3, 0.25, "classification"), chosen) is None
-    assert recipe_line(plan("full", 0, 1e-4, 0.06, "classification"), TrainOptions(task=["trec"], full_finetune=True)) \
+    opts = TrainOptions(task=["any"])
+    assert recipe_line(plan("full", 1, 3e-4, 0.06, "question_answering"), opts) == (
+        "run: layers 2..6 over the layer-1 cache, the whole upper layers, peak learning rate 0.0003 after 6% of the "
+        "steps: cut layer, adapter, learning rate, warm-up at question answering's default (er-ray train --help; "
+        "BENCHMARKS.md)")
+    line = recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), opts)  # --learning-rate 1e-3 given
+    assert "LoRA of rank 16" in line and line.endswith("cut layer, adapter, warm-up at classification's default "
+                                                       "(er-ray train --help; BENCHMARKS.md)")
+    assert "adapter, learning rate, warm-up at token classification's" in \
+        recipe_line(plan("lora", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
+    assert recipe_line(plan("bottleneck", 2, 1e-3, 0.06, "classification"), opts) is None  # both chosen
+    assert recipe_line(plan("full", 0, 1e-4, 0.06, "classification"), TrainOptions(task=["x"], full_finetune=True)) \
         is None
