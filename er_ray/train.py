@@ -168,7 +168,8 @@ def recipe_line(plan: dict[str, Any], opts: TrainOptions) -> str | None:
         return None
     what = ADAPTER_WORDS[adapter].format(size=spec["adapter_size"])
     chosen = ", ".join(d for d, is_default in defaults.items() if is_default)
-    return (f"{plan['name']}: layers {k + 1}..{n} over the layer-{k} cache, {what}, peak learning rate "
+    below = f"the layer-{k} cache" if spec.get("source", "cache") == "cache" else f"layers 1..{k} run from text"
+    return (f"{plan['name']}: layers {k + 1}..{n} over {below}, {what}, peak learning rate "
             f"{cfg.learning_rate:g} after {cfg.warmup:.0%} of the steps: {chosen} at "
             f"{spec['task_type'].replace('_', ' ')}'s default (er-ray train --help; BENCHMARKS.md)")
 

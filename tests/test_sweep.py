@@ -366,6 +366,9 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
                                                        "(er-ray train --help; BENCHMARKS.md)")
     assert "adapter, learning rate, warm-up at token classification's" in \
         recipe_line(plan("lora", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
+    from_text = plan("lora", 3, 3e-3, 0.25, "classification")
+    from_text["config"].spec["source"] = "text"  # --from-text: no cache under the upper layers
+    assert recipe_line(from_text, opts).startswith("run: layers 4..6 over layers 1..3 run from text, LoRA")
     assert recipe_line(plan("bottleneck", 2, 1e-3, 0.06, "classification"), opts) is None  # both chosen
     assert recipe_line(plan("full", 0, 1e-4, 0.06, "classification"), TrainOptions(task=["x"], full_finetune=True)) \
         is None
