@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import all_cpus_free
 
-from er_ray import cache, codec, tasks
+from er_ray import cache, codec, storage, tasks
 from er_ray.cache import CacheError, CacheMismatch, open_cache
 from er_ray.cache_build import build_cache
 from er_ray.corpus import DataError
@@ -418,11 +418,22 @@ def test_two_builders_of_one_cache_encode_each_document_once(ray_local, corpus, 
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [ER_RAY, "cache", "--corpus", str(corpus[0]), "--output", str(out), "--cut-layer", "3", "--max-length",
            "64", "--shard-rows", "48"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for _ in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    # The test holds the cache's lock until both builders are waiting on it: started freely, the second one could
+    # reach the lock after the first had finished (CI saw it), and the test would not test two builders at once.
+    log_files = [tmp_path / f"builder{i}.log" for i in range(2)]
+    with storage.exclusive(out):
+        procs = [subprocess.Popen(cmd, stdout=open(f, "w"), stderr=subprocess.STDOUT, text=True, env=env)
+                 for f in log_files]
+        deadline = time.monotonic() + 300
+        while not all("waiting for pid" in f.read_text() for f in log_files):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [f.read_text() for f in log_files]
+            time.sleep(0.5)
+    for p in procs:
+        p.wait(timeout=600)
+    logs = [f.read_text() for f in log_files]
     assert [p.returncode for p in procs] == [0, 0], logs
     encoded = [re.findall(r"(\d+) cached, ([\d,]+) to encode", log) for log in logs]
     assert sorted(e[0][1] for e in encoded) == ["0", f"{N_DOCS}"], encoded  # one encodes all, the other nothing
-    assert sum("waiting for pid" in log for log in logs) == 1, logs
+    assert all(f"waiting for pid {os.getpid()}" in log for log in logs), logs  # both waited for the test's lock
     assert cache.verify(out) == [] and open_cache(out, 3).manifest.rows == N_DOCS
