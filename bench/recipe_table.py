@@ -36,18 +36,19 @@ OLD_WARMUP = 0.06  # every run before the option
 FINETUNE_LR = 1e-4  # fine-tuning's default
 
 
-def arms_of(folders: list[str], cut_layer: int) -> dict[str, dict[str, dict[int, dict]]]:
-    """arm ("lr/warm-up") -> task -> seed -> the run's test score, training seconds and epochs."""
+def arms_of(folders: list[str], cut_layer: int, adapter: str = "lora") -> dict[str, dict[str, dict[int, dict]]]:
+    """arm ("lr/warm-up") -> task -> seed -> the run's dev and test scores, training seconds and epochs."""
     arms: dict[str, dict[str, dict[int, dict]]] = {}
     for folder in folders:
         for f in sorted(Path(folder).rglob("metrics.json")):
             m = json.loads(f.read_text())
             if m.get("full_finetune") or m.get("budget_seconds") or m.get("cut_layer") != cut_layer \
-                    or m.get("adapter") != "lora" or m.get("test") is None:
+                    or m.get("adapter") != adapter or m.get("test") is None:
                 continue
             arm = f"{m['learning_rate']:g}/{m.get('settings', {}).get('warmup', OLD_WARMUP):g}"
             arms.setdefault(arm, {}).setdefault(m["task"], {})[m["seed"]] = {
-                "test": m["test"], "train_seconds": m.get("train_seconds"), "epochs": m.get("epochs_run")}
+                "dev": m["dev"], "test": m["test"], "train_seconds": m.get("train_seconds"),
+                "epochs": m.get("epochs_run"), "arm": arm}
     return arms
 
 
@@ -80,13 +81,14 @@ def finetune_of(source: str, pick_on_dev: bool = False) -> dict[str, dict[int, d
 
 def against_finetune(runs: dict[str, dict[int, dict]], finetune: dict[str, dict[int, dict]], arm: str,
                      picked: bool) -> None:
+    several = "," in arm
     """Test scores side by side, and training seconds: the arm's mean over its runs against fine-tuning's
     (the runs' own clocks: compare them only where both arms ran alike, e.g. two runs at a time)."""
     which = "rate picked on dev" if picked else f"{FINETUNE_LR:g}"
     print(f"\n| task | fine-tuning ({which}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
           "| worst seed's gap | train s: fine-tuning / arm (epochs) |"
-          + (" rates picked (seed: rate) |" if picked else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if picked else ""))
+          + (" rates picked (seed: rate) |" if picked else "") + (" arm picked (seed: arm) |" if several else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if picked else "") + ("---|" if several else ""))
     for t in sorted(runs):
         if t not in finetune:
             continue
@@ -100,7 +102,19 @@ def against_finetune(runs: dict[str, dict[int, dict]], finetune: dict[str, dict[
         rates = ", ".join(f"{s}: {finetune[t][s]['learning_rate']:g}" for s in sorted(f))
         print(f"| {t} | {statistics.fmean(f.values()):.4f} ({len(f)}) | {statistics.fmean(r.values()):.4f} "
               f"({len(r)}) | {100 * (statistics.fmean(r.values()) - statistics.fmean(f.values())):+.2f} | "
-              + (f"{worst:+.2f} |" if worst is not None else "- |") + f" {sec} |" + (f" {rates} |" if picked else ""))
+              + (f"{worst:+.2f} |" if worst is not None else "- |") + f" {sec} |" + (f" {rates} |" if picked else "")
+              + (" " + ", ".join(f"{s}: {runs[t][s]['arm']}" for s in sorted(r)) + " |" if several else ""))
+
+
+def picked_on_dev(arms: dict[str, dict[str, dict[int, dict]]], names: list[str]) -> dict[str, dict[int, dict]]:
+    """task -> seed -> the run best on dev among the named arms' (one arm: its runs). Only (task, seed) pairs that
+    every named arm ran count, so a pick is never made from fewer arms than asked."""
+    runs: dict[str, dict[int, dict]] = {}
+    for t in sorted({t for name in names for t in arms.get(name, {})}):
+        seeds = set.intersection(*(set(arms.get(name, {}).get(t, {})) for name in names))
+        for s in seeds:
+            runs.setdefault(t, {})[s] = max((arms[name][t][s] for name in names), key=lambda r: r["dev"])
+    return runs
 
 
 def main() -> None:
@@ -109,11 +123,14 @@ def main() -> None:
     ap.add_argument("--cut-layer", type=int, default=3)
     ap.add_argument("--baseline", default="0.003/0.06", help="the arm others are compared with: lr/warm-up")
     ap.add_argument("--finetune", help="fine-tuning's runs (a folder) or a recipe_grid.py JSON: compare --arm")
-    ap.add_argument("--arm", default="0.003/0.25", help="the arm compared with fine-tuning (lr/warm-up)")
+    ap.add_argument("--arm", default="0.003/0.25",
+                    help="the arm compared with fine-tuning (lr/warm-up); several, comma-separated: per task and "
+                         "seed the one best on dev (a sweep's pick over them)")
+    ap.add_argument("--adapter", default="lora", help="the adapter kind whose runs count (lora, bottleneck, full)")
     ap.add_argument("--pick-on-dev", action="store_true",
                     help="fine-tuning at the rate best on dev per task and seed, not at its default")
     a = ap.parse_args()
-    arms = arms_of(a.folders, a.cut_layer)
+    arms = arms_of(a.folders, a.cut_layer, a.adapter)
     tasks = sorted({t for arm in arms.values() for t in arm})
     floors = {t: majority(t) for t in tasks}
     base = arms.get(a.baseline, {})
@@ -133,7 +150,8 @@ def main() -> None:
             else "-"
         print(f"| {arm} | " + " | ".join(cells) + f" | {d} | {fell}/{n} |")
     if a.finetune:
-        against_finetune(arms.get(a.arm, {}), finetune_of(a.finetune, a.pick_on_dev), a.arm, a.pick_on_dev)
+        against_finetune(picked_on_dev(arms, a.arm.split(",")), finetune_of(a.finetune, a.pick_on_dev), a.arm,
+                         a.pick_on_dev)
 
 
 if __name__ == "__main__":
