@@ -81,9 +81,9 @@ def finetune_of(source: str, pick_on_dev: bool = False) -> dict[str, dict[int, d
 
 def against_finetune(runs: dict[str, dict[int, dict]], finetune: dict[str, dict[int, dict]], arm: str,
                      picked: bool) -> None:
-    several = "," in arm
     """Test scores side by side, and training seconds: the arm's mean over its runs against fine-tuning's
     (the runs' own clocks: compare them only where both arms ran alike, e.g. two runs at a time)."""
+    several = "," in arm  # a pick on dev among several arms: say which one each seed took
     which = "rate picked on dev" if picked else f"{FINETUNE_LR:g}"
     print(f"\n| task | fine-tuning ({which}), mean (seeds) | {arm}, mean (seeds) | gap (points) "
           "| worst seed's gap | train s: fine-tuning / arm (epochs) |"
