@@ -63,10 +63,10 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
     kind = "finetune" if opts.full_finetune else f"k{k}-{adapter}" + \
         ("" if adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
     lr = opts.lr(task_type)
-    lr_part = "" if lr == default_learning_rate(adapter, task_type) else f"-lr{lr:g}"
+    lr_part = "" if lr == default_learning_rate(opts.kind_for(task_type), task_type) else f"-lr{lr:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
     wu = opts.warmup_share(task_type)
-    warmup = "" if wu == default_warmup(adapter, task_type) else f"-wu{wu:g}"
+    warmup = "" if wu == default_warmup(opts.kind_for(task_type), task_type) else f"-wu{wu:g}"
     return f"{task}-{kind}{lr_part}{budget}{warmup}-s{opts.seed}"
 
 

@@ -40,8 +40,8 @@ def test_train_help_states_the_default_learning_rates():
     tokens, answers = tokens.split("for question answering:")
     for part, expected in ((classification, DEFAULT_LR), (tokens, DEFAULT_LR_TOKENS),
                            (answers.split(";")[0], DEFAULT_LR_QA)):
-        stated = dict(re.findall(r"(lora|bottleneck|full) ([0-9.e-]+[0-9])", part))
-        assert {a: float(v) for a, v in stated.items()} == expected, out
+        stated = dict(re.findall(r"(lora|bottleneck|full|fine-tuning) ([0-9.e-]+[0-9])", part))
+        assert {a.replace("fine-tuning", "finetune"): float(v) for a, v in stated.items()} == expected, out
     from er_ray.options import DEFAULT_WARMUP, WARMUP
 
     warmup = out.split("--warmup WARMUP")[-1][:220].replace("- ", "-")  # each kind's too (argparse wraps at "-")

@@ -177,6 +177,21 @@ def test_runs_that_differ_in_learning_rate_get_their_own_folders():
         ["wnut16-k3-lora16-s0", "wnut16-k3-lora16-s0", f"wnut16-k3-lora16-lr{DEFAULT_LR['lora']:g}-s0"]
 
 
+def test_fine_tuning_has_its_own_default_rate_apart_from_the_whole_upper_layers():
+    """`full` (recycled: layers k+1..L trained) and fine-tuning (every layer, from text) both train whole layers,
+    but their rates come from different grids (BENCHMARKS.md): one must not move the other."""
+    full = TrainOptions(task=["trec"], adapter="full")
+    finetune = TrainOptions(task=["trec"], full_finetune=True)
+    assert finetune.adapter == "full" and finetune.kind_for("classification") == "finetune"
+    assert full.lr("classification") == DEFAULT_LR["full"] != DEFAULT_LR["finetune"] == \
+        finetune.lr("classification")
+    assert finetune.lr("question_answering") == default_learning_rate("finetune", "question_answering")
+    assert run_name(TrainOptions(task=["trec"], full_finetune=True, learning_rate=DEFAULT_LR["finetune"]),
+                    "trec", 6, "classification") == "trec-finetune-s0"
+    assert run_name(TrainOptions(task=["trec"], full_finetune=True, learning_rate=DEFAULT_LR["full"]),
+                    "trec", 6, "classification") == f"trec-finetune-lr{DEFAULT_LR['full']:g}-s0"
+
+
 def test_span_f1_follows_seqeval():
     assert bio_spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
     assert bio_spans(["I-PER", "I-PER", "B-PER"]) == {("PER", 0, 2), ("PER", 2, 3)}  # I- opens a span
