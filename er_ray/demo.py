@@ -100,8 +100,8 @@ def _table(recycled: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dic
         rows.append({"task": m["task"], "metric": m["metric"], "dev": round(m["dev"], 4),
                      "test": None if m["test"] is None else round(m["test"], 4),
                      "model": "full fine-tuning" if m["full_finetune"] else
-                     f"recycled k={m['cut_layer']} {m['adapter']}" + (f" {m['adapter_size']}" if m["adapter_size"]
-                                                                        else ""),
+                     f"recycled k={m['cut_layer']} {m['adapter']}" + ("" if m["adapter"] == "full"
+                                                                        else f" {m['adapter_size']}"),
                      "s/epoch": round(m["seconds_per_epoch"], 1), "trainable": m["trainable_parameters"],
                      "speedup": (f"{baseline['seconds_per_epoch'] / m['seconds_per_epoch']:.2f}x"
                                  if m["task"] == baseline["task"] and not m["full_finetune"] else "")})

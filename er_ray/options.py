@@ -17,9 +17,10 @@ The groups are the parts a run is made of; the verbs compose them:
 A field another verb holds is never declared again, with one exception, by design: a grid axis is the list of
 values to try of a field its held options declare once (the sweep's `cut_layer: list[int]` over
 `TrainOptions.cut_layer`; the study's `model` and `seed` lists), and replaces that field on the command line.
-The string under each field is its `--help`. `flags.py` turns these into flags (nested options flatten into one
-flag set) and `--config recipe.yaml` files; Python callers build the same objects. This module imports nothing
-heavy: `er-ray --help` must not pay for torch or Ray.
+The string under each field is its `--help`; the defaults a run resolves per task type (adapter kind, learning
+rate, warm-up) are `defaults.py`'s, with their evidence. `flags.py` turns these into flags (nested options
+flatten into one flag set) and `--config recipe.yaml` files; Python callers build the same objects. This module
+imports nothing heavy: `er-ray --help` must not pay for torch or Ray.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from .defaults import default_adapter, default_learning_rate, default_warmup
 from .errors import OptionsError
 
 Adapter = Literal["lora", "bottleneck", "full"]
@@ -35,78 +37,6 @@ ADAPTERS: tuple[str, ...] = ("lora", "bottleneck", "full")
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-# The peak learning rate of each adapter kind when none is given.
-# LoRA: issue 15's grid (BENCHMARKS.md, "The default recipe"): all 7 built-in tasks, 3 seeds, the small budget a
-# new user starts with (512 examples, 2 epochs: 32 steps). At 1e-3 clothing_rating and clothing_recommended stayed
-# at the majority class on every seed and wnut16 found no entity; 3e-3 was better on every task and seed; 1e-2
-# diverged on 3 of 4 tasks (seed 0). The scale (alpha / rank = 2) is part of this choice: change them together.
-# The bottleneck adapter at 2 epochs (BENCHMARKS.md): 3e-3 gets within a point of fine-tuning where 1e-3 trails by
-# 1.6-3.2 points (MiniLM TREC and clothing, mpnet TREC), but collapsed to the majority class on one of three mpnet
-# clothing seeds. A default must not do that: 1e-3 stays, and a sweep over --learning-rate finds the rest.
-# The whole upper layers (`full`): 3e-4 against 1e-4 on the six classification tasks (MiniLM k = 3, 1,000 examples
-# x 4 epochs; 9 (task, seed) pairs) +0.62 points mean, 1e-4 lower on 7 of 9; at 3e-4 over 3 seeds within 0.5 of
-# fine-tuning done well on all six, 0/18 collapsed (BENCHMARKS.md, "The whole upper layers at fine-tuning's time").
-# Fine-tuning ("finetune", the whole model from text) has its own rate: at 1e-4 it learns on every task and model
-# measured, where 3e-4 learned nothing on mpnet's SQuAD subset (its study picks per task on dev: FINETUNE_LR_GRID).
-DEFAULT_LR = {"lora": 3e-3, "bottleneck": 1e-3, "full": 3e-4, "finetune": 1e-4}
-# Token classification labels every token, not one pooled vector, and 3e-3 LoRA loses it: on wnut16 (1,000
-# examples, 2 epochs, 3 seeds) 3e-3 found no entity on any seed, where 1e-3 did on every seed (BENCHMARKS.md,
-# "Token classification"). Where a kind has no entry here, its classification rate is used.
-DEFAULT_LR_TOKENS = {"lora": 1e-3}
-# Question answering (a SQuAD subset: 800 questions x 2 epochs, ~110 steps): at 1e-4 fine-tuning and the whole upper
-# layers are under-trained (seed 0 test F1: fine-tuning 0.38 against 0.50 at 3e-4; `full` 0.46 / 0.33 against
-# 0.52 / 0.46 at k = 1 / 3), and at 3e-4 `full` over a 1-layer cache is at or above fine-tuning on every seed
-# (BENCHMARKS.md, "Learning rates per adapter kind on QA"). Fine-tuning at 3e-4 too, on MiniLM (on mpnet it learns
-# at 1e-4 only: issue 16, open).
-DEFAULT_LR_QA = {"full": 3e-4, "finetune": 3e-4}
-
-
-# The warm-up: the learning rate rises linearly over this share of the steps, then decays linearly to 0. LoRA at its
-# 3e-3 peak warms up over a quarter of the steps: over 6% (3 steps of 62 at 1,000 examples x 2 epochs) sms_spam's
-# seed 1 sat at the majority class, and with a quarter it learns (BENCHMARKS.md, "the warm-up"). A triangle's
-# mean is half its peak whatever the warm-up, so the small budget keeps its learning (the 512 x 2 grid). The other
-# kinds and fine-tuning chose their rates with 6%, and keep it.
-DEFAULT_WARMUP = {"lora": 0.25}
-# Token classification's LoRA (at its lower 1e-3) keeps 6%: on wnut16 (1,000 x 2, 3 seeds) a quarter found no
-# entity on 2 of 3 seeds and 12% nearly none, where 6% found entities on all three (BENCHMARKS.md, "the warm-up").
-DEFAULT_WARMUP_TOKENS: dict[str, float] = {}
-WARMUP = 0.06
-
-
-def default_warmup(adapter: str, task_type: str) -> float:
-    """The share of the steps an adapter kind (or fine-tuning: "finetune") warms up over on a task type."""
-    table = DEFAULT_WARMUP_TOKENS if task_type == "token_classification" else DEFAULT_WARMUP
-    return table.get(adapter, WARMUP)
-
-
-# Fine-tuning's learning rates a study picks from on dev, per task type (--finetune-learning-rate replaces them).
-# Issue 15 asked for 1e-5..1e-4, but its top won every time: at 1,000 examples x 2 epochs (MiniLM, six classification
-# tasks) 3e-5 trailed 1e-4 on dev by 3-20 points everywhere, and 3e-4 beat 1e-4 on dev in most (task, seed) pairs
-# (BENCHMARKS.md, "A fair baseline"): a grid whose edge wins is not done well. Question answering's fine-tuning is
-# under-trained at 1e-4 on a small budget (above).
-FINETUNE_LR_GRID = {"question_answering": (1e-4, 3e-4), None: (3e-5, 1e-4, 3e-4)}
-
-
-def finetune_lr_grid(task_type: str) -> list[float]:
-    return list(FINETUNE_LR_GRID.get(task_type, FINETUNE_LR_GRID[None]))
-
-
-# The adapter kind a run trains when none is given. Question answering: LoRA at the paper's 50% cut trails
-# fine-tuning by 6.5-9 F1 points on a SQuAD subset, where the whole upper layers over a quarter-layer cache are at or
-# above it on every seed (MiniLM, 3 seeds; BENCHMARKS.md). So QA's default is `full` at L/4 (encoders.py).
-DEFAULT_ADAPTER = {"question_answering": "full", None: "lora"}
-
-
-def default_adapter(task_type: str | None) -> str:
-    return DEFAULT_ADAPTER.get(task_type, DEFAULT_ADAPTER[None])
-
-
-def default_learning_rate(kind: str, task_type: str) -> float:
-    """The peak learning rate of what trains (an adapter kind, or "finetune") on a task type when none is given."""
-    table = {"token_classification": DEFAULT_LR_TOKENS, "question_answering": DEFAULT_LR_QA}.get(task_type, {})
-    return table.get(kind, DEFAULT_LR[kind])
-
-
 # The study's default tasks: er_ray.tasks.BUILTINS, named here without importing it, but squad (98,169 questions
 # at 384 tokens: hours on a laptop; `er-ray study --task squad` asks for it)
 BUILTIN_TASKS = ("trec", "sms_spam", "movie_sentiment", "clothing_rating", "clothing_recommended",
@@ -182,8 +112,9 @@ class VariantOptions:
     """cut layer k: the task model runs layers k+1..L (default: half the layers; question answering a quarter,
     the paper's cut for QA)"""
     adapter: Adapter | None = None
-    """lora (PEFT, size = rank), bottleneck (Houlsby, size = width) or full (upper layers fully trained) (default:
-    lora; question answering full, which reaches fine-tuning there where LoRA trails it; BENCHMARKS.md)"""
+    """full (upper layers fully trained, the paper's v1), lora (PEFT, size = rank) or bottleneck (Houlsby, size =
+    width) (default: full, which reaches fine-tuning where LoRA trails it, BENCHMARKS.md; token classification:
+    lora; lora exports a task model ~16x smaller)"""
     adapter_size: int = 16
     """LoRA rank or bottleneck width"""
     learning_rate: float | None = None

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .options import WARMUP
+from .defaults import WARMUP
 
 
 class StepPlan:

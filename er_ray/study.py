@@ -20,7 +20,8 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, say
-from .options import StudyOptions, finetune_lr_grid
+from .defaults import finetune_lr_grid
+from .options import StudyOptions
 from .sweep import default_cut_layers, sweep
 from .train import run_all
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .options import WARMUP, SweepOptions, TrainOptions, default_learning_rate
+from .defaults import WARMUP, default_learning_rate
+from .options import SweepOptions, TrainOptions
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
                  "status", "dev", "test", "epochs_run", "train_seconds", "trainable_parameters", "seed"]

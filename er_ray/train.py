@@ -26,7 +26,8 @@ import pyarrow as pa
 from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
-from .options import WARMUP, TrainOptions, default_adapter, default_learning_rate, default_warmup
+from .defaults import WARMUP, default_adapter, default_learning_rate, default_warmup
+from .options import TrainOptions
 from .qa import TRIVIAL_WORDS
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 

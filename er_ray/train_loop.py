@@ -24,7 +24,7 @@ import numpy as np
 from .flops import layer_forward_flops, matmul_peak, model_shape, train_flops_per_token
 from .metrics import f1, span_counts
 from .model import IGNORE, span_loss
-from .options import WARMUP
+from .defaults import WARMUP
 from .schedule import StepPlan, epochs_in_budget, warmup_then_linear_decay
 
 

@@ -32,7 +32,7 @@ def test_train_help_states_the_default_learning_rates():
     """The defaults come from a grid over every built-in task (BENCHMARKS.md); --help must say what they are."""
     import re
 
-    from er_ray.options import DEFAULT_LR, DEFAULT_LR_QA, DEFAULT_LR_TOKENS
+    from er_ray.defaults import DEFAULT_LR, DEFAULT_LR_QA, DEFAULT_LR_TOKENS
 
     out = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines
     text = out.split("--learning-rate LEARNING_RATE")[-1][:400]
@@ -42,7 +42,11 @@ def test_train_help_states_the_default_learning_rates():
                            (answers.split(";")[0], DEFAULT_LR_QA)):
         stated = dict(re.findall(r"(lora|bottleneck|full|fine-tuning) ([0-9.e-]+[0-9])", part))
         assert {a.replace("fine-tuning", "finetune"): float(v) for a, v in stated.items()} == expected, out
-    from er_ray.options import DEFAULT_WARMUP, WARMUP
+    from er_ray.defaults import DEFAULT_ADAPTER, DEFAULT_WARMUP, WARMUP
+
+    adapter = out.split("--adapter {")[-1][:300]  # and the kind each task type trains by default
+    assert f"(default: {DEFAULT_ADAPTER[None]}," in adapter and \
+        f"token classification: {DEFAULT_ADAPTER['token_classification']};" in adapter, adapter
 
     warmup = out.split("--warmup WARMUP")[-1][:220].replace("- ", "-")  # each kind's too (argparse wraps at "-")
     assert f"lora {DEFAULT_WARMUP['lora']:g}, the others, token classification and fine-tuning {WARMUP:g}" \
@@ -79,21 +83,21 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
                          env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "cut layer k=3" in res.stdout and "cache trec: 5,452 documents" in res.stdout
-    for step in ("1/2 caching layer 3", "2/2 training 1 task models from the cache (lora 16) and fully fine-tuning "
+    for step in ("1/2 caching layer 3", "2/2 training 1 task models from the cache (full) and fully fine-tuning "
                  "trec from raw text"):
         assert step in res.stdout
-    line = next(ln for ln in res.stdout.splitlines() if "recycled k=3 lora 16" in ln)
+    line = next(ln for ln in res.stdout.splitlines() if "recycled k=3 full " in ln)
     assert line.split()[0] == "trec" and re.search(r" \d+\.\d\dx ", line), line  # the speed-up column
     assert any("full fine-tuning" in ln for ln in res.stdout.splitlines())
     assert sum(ln.startswith("task ") for ln in res.stdout.splitlines()) == 1  # the demo's table, not run_all's too
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "trec-finetune-s0" / "metrics.json").exists()
-    assert (out / "runs" / "trec-k3-lora16-s0" / "metrics.json").exists()
+    assert (out / "runs" / "trec-k3-full-s0" / "metrics.json").exists()
     # A console a person can read: er_ray's progress, no Ray INFO lines, no C++ log lines (Ray's benign "E ...
     # core_worker.cc ... constructor arguments in the object store"), no colour codes, no tracebacks.
     console = res.stdout + res.stderr
     assert "[er_ray cache] 6/6 shards, 5,452 documents" in console
-    assert re.search(r"\[er_ray train\] trec-k3-lora16-s0: epoch 1/1, loss \d\.\d{4}, dev accuracy 0\.\d{4}", console)
+    assert re.search(r"\[er_ray train\] trec-k3-full-s0: epoch 1/1, loss \d\.\d{4}, dev accuracy 0\.\d{4}", console)
     assert re.search(r"\[er_ray train\] trec-finetune-s0: dev accuracy 0\.\d{4}, test 0\.\d{4}", console)
     noise = [ln for ln in console.splitlines() if re.search(r"\bINFO\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+|"
                                                                r"\x1b\[|Traceback|core_worker\.cc|^\(raylet\)", ln)]

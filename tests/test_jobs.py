@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from er_ray.options import DEFAULT_LR
+from er_ray.defaults import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -247,7 +247,8 @@ def cache_dir(head, out):
 @pytest.fixture(scope="module")
 def trained(head, out, cache_dir):
     d = out / "train"
-    submit(head, "train_tasks.py", ["--task", "trec", "--cut-layer", "3", "--cache", str(cache_dir),
+    submit(head, "train_tasks.py", ["--task", "trec", "--cut-layer", "3", "--adapter", "lora",
+                                    "--cache", str(cache_dir),
                                     "--epochs", "1", "--max-train-examples", "64", "--output", str(d)])
     return d
 

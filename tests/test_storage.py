@@ -26,7 +26,8 @@ import pytest  # noqa: E402
 from er_ray import cache, storage, tasks  # noqa: E402
 from er_ray.cache import open_cache  # noqa: E402
 from er_ray.cache_build import build_cache  # noqa: E402
-from er_ray.options import DEFAULT_LR, CacheOptions  # noqa: E402
+from er_ray.defaults import DEFAULT_LR  # noqa: E402
+from er_ray.options import CacheOptions  # noqa: E402
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
 N_DOCS, SHARD_ROWS = 160, 16
@@ -241,7 +242,7 @@ def test_train_predict_and_sweep_write_to_s3(ray_local, s3, trec_small):
     from er_ray.cli import main
     from er_ray.predict import load_task_model
 
-    tiny = ["--task", str(trec_small), "--cut-layer", "3", "--adapter-size", "4", "--epochs", "1",
+    tiny = ["--task", str(trec_small), "--cut-layer", "3", "--adapter", "lora", "--adapter-size", "4", "--epochs", "1",
             "--max-train-examples", "64", "--max-length", "32"]
     out = storage.join(s3, "train")
     assert main(["train", *tiny, "--output", out]) == 0

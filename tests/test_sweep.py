@@ -244,7 +244,7 @@ def test_a_placement_group_whose_creator_died_is_released_and_no_other(ray_local
 
 
 def test_the_grid_takes_each_task_types_default_learning_rate():
-    from er_ray.options import DEFAULT_LR, default_learning_rate
+    from er_ray.defaults import DEFAULT_LR, default_learning_rate
     from er_ray.sweep import grid
 
     opts = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora", "full"], adapter_size=[8])
@@ -257,7 +257,8 @@ def test_the_grid_takes_each_task_types_default_learning_rate():
 
 def test_question_answering_has_its_own_defaults_a_lower_cut_and_higher_full_rates():
     """SQuAD (BENCHMARKS.md): 1e-4 under-trains fine-tuning and `full`, and the sweep's pick is k = L/4."""
-    from er_ray.options import FINETUNE_LR_GRID, TrainOptions, default_learning_rate, finetune_lr_grid
+    from er_ray.defaults import FINETUNE_LR_GRID, default_learning_rate, finetune_lr_grid
+    from er_ray.options import TrainOptions
     from er_ray.sweep import default_cut_layers, grid
 
     assert default_cut_layers(6) == [2, 3, 4] and default_cut_layers(6, ["question_answering"]) == [1, 2, 3, 4]
@@ -284,13 +285,17 @@ def test_a_question_answering_run_defaults_to_the_whole_upper_layers_over_a_quar
     assert plain.adapter is None and plain.adapter_for("question_answering") == "full"
     assert run_name(plain, "squad", 6, "question_answering") == "squad-k1-full-s0"  # every default: unnamed
     assert run_name(plain, "squad", 12, "question_answering") == "squad-k3-full-s0"
-    assert run_name(plain, "trec", 6, "classification") == "trec-k3-lora16-s0"
-    assert plain.lr("question_answering") == 3e-4 and plain.lr("classification") == 3e-3
+    assert run_name(plain, "trec", 6, "classification") == "trec-k3-full-s0"
+    assert run_name(plain, "wnut16", 6, "token_classification") == "wnut16-k3-lora16-s0"
+    assert plain.lr("question_answering") == 3e-4 and plain.lr("classification") == 3e-4
+    assert plain.lr("token_classification") == 1e-3
     assert plain.for_task_types(["question_answering"]).adapter == "full"
-    assert plain.for_task_types(["classification", "token_classification"]).adapter == "lora"
+    assert plain.for_task_types(["classification"]).adapter == "full"
+    assert plain.for_task_types(["token_classification"]).adapter == "lora"
     # types that default differently (possible with --max-length given): each run resolves its own
-    mixed = TrainOptions(task=["squad", "trec"], max_length=128)
-    assert mixed.for_task_types(["question_answering", "classification"]).adapter is None
+    mixed = TrainOptions(task=["squad", "wnut16"], max_length=128)
+    assert mixed.for_task_types(["question_answering", "token_classification"]).adapter is None
+    assert plain.for_task_types(["classification", "token_classification"]).adapter is None
     # what is given is kept
     lora = TrainOptions(task=["squad"], adapter="lora", cut_layer=3)
     assert run_name(lora, "squad", 6, "question_answering") == "squad-k3-lora16-s0"
@@ -361,8 +366,8 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
         "run: layers 2..6 over the layer-1 cache, the whole upper layers, peak learning rate 0.0003 after 6% of the "
         "steps: cut layer, adapter, learning rate, warm-up at question answering's default (er-ray train --help; "
         "BENCHMARKS.md)")
-    line = recipe_line(plan("lora", 3, 1e-3, 0.25, "classification"), opts)  # --learning-rate 1e-3 given
-    assert "LoRA of rank 16" in line and line.endswith("cut layer, adapter, warm-up at classification's default "
+    line = recipe_line(plan("full", 3, 1e-3, 0.06, "classification"), opts)  # --learning-rate 1e-3 given
+    assert "the whole upper layers" in line and line.endswith("cut layer, adapter, warm-up at classification's default "
                                                        "(er-ray train --help; BENCHMARKS.md)")
     assert "adapter, learning rate, warm-up at token classification's" in \
         recipe_line(plan("lora", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given

@@ -19,7 +19,8 @@ from conftest import all_cpus_free
 
 from er_ray import predict, tasks
 from er_ray.metrics import bio_spans, f1, span_counts
-from er_ray.options import DEFAULT_LR, DEFAULT_WARMUP, TrainOptions, default_learning_rate, default_warmup
+from er_ray.defaults import DEFAULT_LR, DEFAULT_WARMUP, default_adapter, default_learning_rate, default_warmup
+from er_ray.options import TrainOptions
 from er_ray.train import finished_run, run_name, train
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
@@ -164,7 +165,7 @@ def test_a_run_restored_finished_is_not_timed_as_if_trained_now():
 
 
 def test_runs_that_differ_in_learning_rate_get_their_own_folders():
-    base = dict(task=["trec"], cut_layer=3, output="unused")
+    base = dict(task=["trec"], cut_layer=3, adapter="lora", output="unused")
     names = {run_name(TrainOptions(**base, **o), "trec", 6, "classification") for o in
              (dict(), dict(learning_rate=DEFAULT_LR["lora"]), dict(learning_rate=2e-2), dict(adapter_size=8),
               dict(full_finetune=True), dict(full_finetune=True, learning_rate=3e-5))}
@@ -261,7 +262,7 @@ def _scrape(name: str, ray, timeout: float = 60, **tags) -> float:
 
 def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
     # with a time budget: the two workers agree on its plan through a collective (the run would hang otherwise)
-    m = train(TrainOptions(task=["sms_spam"], workers=2, zero_stage=2, output=str(tmp_path), epochs=1,
+    m = train(TrainOptions(task=["sms_spam"], adapter="lora", workers=2, zero_stage=2, output=str(tmp_path), epochs=1,
                            batch_size=16, max_length=64, max_train_examples=320, budget_seconds=600))[0]
     assert m["planned_epochs"] == 1 and m["budget_seconds"] == 600
     ds = m["deepspeed"]
@@ -383,7 +384,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint_to_the_uninterrupted
     cache: building one here cost 35 s.)"""
     import psutil
 
-    cmd = [ER_RAY, "train", "--task", "trec", "--epochs", "3", "--patience", "3",
+    cmd = [ER_RAY, "train", "--task", "trec", "--adapter", "lora", "--epochs", "3", "--patience", "3",
            "--batch-size", "16", "--max-length", "64", "--max-train-examples", "600", "--cache", str(trec_cache(out))]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd + ["--output", str(tmp_path / "killed")], stdout=subprocess.PIPE,
@@ -460,7 +461,8 @@ def test_ctrl_c_is_one_line_saying_what_is_kept(ray_local, trec_lora, out, tmp_p
     a C++ stack dump from Ray's failure-signal handler. (The TREC cache is the fixture's: encoding it again cost
     each case 30 s.)"""
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([ER_RAY, "train", "--task", "trec", "--output", str(tmp_path), "--epochs", "3",
+    proc = subprocess.Popen([ER_RAY, "train", "--task", "trec", "--adapter", "lora", "--output", str(tmp_path),
+                             "--epochs", "3",
                              "--max-train-examples", "400", "--max-length", "64", "--cache", str(trec_cache(out))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=at_a_terminal)
@@ -493,7 +495,7 @@ def test_a_run_that_finds_no_cpus_fails_naming_what_holds_them(trec_lora, out):
         with pytest.raises(TrainError, match=r"1 worker\(s\) \(1.50 CPU each\) found no room in 12 s\. 2 CPU "
                                              r"in the cluster, [\d.]+ free; placement group 'held-by-test': 1 CPU "
                                              r"\(this job\)\. Free them"):
-            train(TrainOptions(task=["trec"], adapter_size=4, cpus_per_worker=1.5, resource_wait=12,
+            train(TrainOptions(task=["trec"], adapter="lora", adapter_size=4, cpus_per_worker=1.5, resource_wait=12,
                                output=str(out), **FAST))
         assert time.perf_counter() - t0 < 60
     finally:
@@ -522,7 +524,7 @@ def test_one_seed_gives_one_result(trec_lora, out, tmp_path):
 def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
     """Equal wall time: a recycled run given fine-tuning's training seconds trains as many epochs as fit them."""
     cache_dir = trec_cache(out)
-    m = train(TrainOptions(task=["trec"], cache=str(cache_dir), output=str(tmp_path), budget_seconds=30,
+    m = train(TrainOptions(task=["trec"], adapter="lora", cache=str(cache_dir), output=str(tmp_path), budget_seconds=30,
                            **dict(FAST, epochs=16, max_train_examples=600), patience=None))[0]
     assert m["run"] == "trec-k3-lora16-30s-s0"
     # the first epoch takes 4-8 s here (a second or two of it Ray Data's start), so the budget, not the ceiling of
@@ -551,7 +553,8 @@ def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
 
 def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
     from er_ray.errors import OptionsError
-    from er_ray.options import DEFAULT_WARMUP, WARMUP, TrainOptions
+    from er_ray.defaults import DEFAULT_WARMUP, WARMUP
+    from er_ray.options import TrainOptions
     from er_ray.train import run_name
     from er_ray.schedule import StepPlan
 
@@ -559,16 +562,19 @@ def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
     assert plan.warmup == 15 and plan(0) == pytest.approx(1 / 15) and plan(14) == pytest.approx(1.0)
     assert plan(30) == pytest.approx((62 - 30) / (62 - 15))  # then down to 0 over the other 47
     # each kind's default (LoRA a quarter, the others and fine-tuning 6%) unless given; another one is another run
-    lora, ft = TrainOptions(task=["trec"]), TrainOptions(task=["trec"], full_finetune=True)
+    lora, ft = TrainOptions(task=["trec"], adapter="lora"), TrainOptions(task=["trec"], full_finetune=True)
     assert (lora.warmup_share("classification"), ft.warmup_share("classification")) == (0.25, 0.06) == \
         (DEFAULT_WARMUP["lora"], WARMUP)
     assert lora.warmup_share("token_classification") == 0.06  # a tagger's LoRA: 6% (wnut16, BENCHMARKS.md)
     assert run_name(lora, "wnut16", 6, "token_classification") == "wnut16-k3-lora16-s0"
-    assert run_name(TrainOptions(task=["wnut16"], warmup=0.25), "wnut16", 6, "token_classification") == \
+    assert run_name(TrainOptions(task=["wnut16"], adapter="lora", warmup=0.25), "wnut16", 6,
+                    "token_classification") == \
         "wnut16-k3-lora16-wu0.25-s0"
     assert run_name(lora, "trec", 6, "classification") == "trec-k3-lora16-s0" == \
-        run_name(TrainOptions(task=["trec"], warmup=0.25), "trec", 6, "classification")
-    assert run_name(TrainOptions(task=["trec"], warmup=0.06), "trec", 6, "classification") == "trec-k3-lora16-wu0.06-s0"
+        run_name(TrainOptions(task=["trec"], adapter="lora", warmup=0.25), "trec", 6, "classification")
+    assert run_name(TrainOptions(task=["trec"], adapter="lora", warmup=0.06), "trec", 6, "classification") == \
+        "trec-k3-lora16-wu0.06-s0"
+    assert run_name(TrainOptions(task=["trec"]), "trec", 6, "classification") == "trec-k3-full-s0"  # the default
     assert run_name(ft, "trec", 6, "classification") == "trec-finetune-s0"
     for bad in (1.0, -0.1):
         with pytest.raises(OptionsError, match="--warmup"):
@@ -594,7 +600,9 @@ def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(r
     runs = [(TrainOptions(task=[str(spec)], epochs=2, output=str(tmp_path / "out"), seed=seed), str(spec))
             for seed in (0,)]
     got = run_all(runs, tmp_path / "out")
-    assert all(m["learning_rate"] == DEFAULT_LR["lora"] and m["adapter"] == "lora" for m in got)
+    kind = default_adapter("classification")
+    assert all(m["learning_rate"] == default_learning_rate(kind, "classification") and m["adapter"] == kind
+               for m in got)
     assert all(m["test"] >= floor + 0.02 for m in got), ([m["test"] for m in got], floor)
     assert all(m["dev_all"]["classes_predicted"] > 1 for m in got)
 
