@@ -263,8 +263,8 @@ class TrainOptions(EncodingOptions, VariantOptions, RecipeOptions, ScaleOptions)
         self.task = _listed(self.task)
 
     def warmup_share(self, task_type: str) -> float:
-        """The warm-up this run uses on a task of this type: --warmup, or its adapter kind's default (fine-tuning:
-        `full`'s)."""
+        """The warm-up this run uses on a task of this type: --warmup, or the default of what it trains (its
+        adapter kind, or fine-tuning's)."""
         return default_warmup(self.kind_for(task_type), task_type) if self.warmup is None else self.warmup
 
     def for_task_types(self, types: Iterable[str]):
