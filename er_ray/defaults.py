@@ -46,10 +46,10 @@ DEFAULT_WARMUP_TOKENS: dict[str, float] = {}
 WARMUP = 0.06
 
 
-def default_warmup(adapter: str, task_type: str) -> float:
-    """The share of the steps an adapter kind (or fine-tuning: "finetune") warms up over on a task type."""
+def default_warmup(kind: str, task_type: str) -> float:
+    """The share of the steps what trains (an adapter kind, or "finetune") warms up over on a task type."""
     table = DEFAULT_WARMUP_TOKENS if task_type == "token_classification" else DEFAULT_WARMUP
-    return table.get(adapter, WARMUP)
+    return table.get(kind, WARMUP)
 
 
 # Fine-tuning's learning rates a study picks from on dev, per task type (--finetune-learning-rate replaces them).
