@@ -121,6 +121,9 @@ class VariantOptions:
     """peak learning rate, reached after the --warmup share of the steps and decayed linearly to 0 (default:
     lora 3e-3, bottleneck 1e-3, full 3e-4 and fine-tuning 1e-4; for token classification: lora 1e-3; for question
     answering: full 3e-4 and fine-tuning 3e-4; chosen on grids over the built-in tasks, BENCHMARKS.md)"""
+    head_learning_rate: float | None = None
+    """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate);
+    same warm-up and decay"""
     full_finetune: bool = False
     """train the whole model from text (the baseline), instead of a recycled model from the cache"""
     from_text: bool = False
@@ -136,6 +139,8 @@ class VariantOptions:
         _at_least(self, 0, "cut_layer")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise OptionsError(f"--learning-rate must be above 0, got {self.learning_rate}")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise OptionsError(f"--head-learning-rate must be above 0, got {self.head_learning_rate}")
 
     def adapter_for(self, task_type: str) -> str:
         """The adapter kind this run trains on a task of this type: --adapter, or the type's default."""
@@ -149,6 +154,10 @@ class VariantOptions:
     def lr(self, task_type: str) -> float:
         """The learning rate this run uses on a task of this type (required: each type has its own default)."""
         return self.learning_rate or default_learning_rate(self.kind_for(task_type), task_type)
+
+    def head_lr(self, task_type: str) -> float:
+        """The task head's learning rate on a task of this type: --head-learning-rate, or the rest's."""
+        return self.head_learning_rate or self.lr(task_type)
 
 
 @dataclass(kw_only=True)
@@ -285,8 +294,9 @@ class TrainOptions(EncodingOptions, VariantOptions, RecipeOptions, ScaleOptions)
 class SweepOptions:
     """er-ray sweep: a grid of trials per task; each trial is `train` with one grid point put in."""
 
+    # head_learning_rate stays a train option: a trial's name does not carry it, so a resumed sweep could not tell
     train: TrainOptions = field(default_factory=lambda: TrainOptions(output="sweep", patience=None, max_failures=1),
-                                metadata={"hide": ("full_finetune", "from_text", "cache")})
+                                metadata={"hide": ("full_finetune", "from_text", "cache", "head_learning_rate")})
     """what every trial shares (its cut layer, adapter, size and learning rate come from the grid)"""
     cut_layer: list[int] = field(default_factory=list)
     """cut layers to try, e.g. 2,3,4 (default: about L/3, L/2 and 2L/3 of the model's L layers; for question
@@ -374,7 +384,7 @@ class DemoOptions:
 
     train: TrainOptions = field(default_factory=lambda: TrainOptions(
         task=list(CLOTHING), output="demo-output", epochs=2, patience=None, max_train_examples=1000, max_length=64),
-        metadata={"hide": ("full_finetune", "from_text", "cache")})
+        metadata={"hide": ("full_finetune", "from_text", "cache", "head_learning_rate")})
     """the recycled runs (their cut layer, adapter and size); the baseline is the same with full fine-tuning"""
     compare: str = "clothing_department"
     """the task also fully fine-tuned from text, the baseline the recycled model is compared with"""

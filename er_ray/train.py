@@ -55,7 +55,8 @@ def train(opts: TrainOptions) -> list[dict[str, Any]]:
 
 def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> str:
     """task-finetune-s0, task-k3-lora16-s0, task-k0-lora16-text-s0, task-k3-lora16-lr0.002-s0,
-    task-k3-lora16-120s-s0. A learning rate other than the adapter's default, and a time budget, are in the name:
+    task-k3-lora16-120s-s0, task-k3-full-head0.003-s0. A learning rate other than the adapter's default (the
+    head's own, if given), and a time budget, are in the name:
     runs that differ only in them would otherwise share a folder, and the second would replace the first."""
     from .encoders import default_cut_layer
 
@@ -65,6 +66,7 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
         ("" if adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
     lr = opts.lr(task_type)
     lr_part = "" if lr == default_learning_rate(opts.kind_for(task_type), task_type) else f"-lr{lr:g}"
+    lr_part += "" if opts.head_learning_rate is None else f"-head{opts.head_learning_rate:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
     wu = opts.warmup_share(task_type)
     warmup = "" if wu == default_warmup(opts.kind_for(task_type), task_type) else f"-wu{wu:g}"
@@ -144,7 +146,8 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
-                        max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type))
+                        max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type),
+                        head_learning_rate=opts.head_learning_rate)
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"],
             "num_layers": fp["num_layers"]}
 
@@ -170,8 +173,9 @@ def recipe_line(plan: dict[str, Any], opts: TrainOptions) -> str | None:
     what = ADAPTER_WORDS[adapter].format(size=spec["adapter_size"])
     chosen = ", ".join(d for d, is_default in defaults.items() if is_default)
     below = f"the layer-{k} cache" if spec.get("source", "cache") == "cache" else f"layers 1..{k} run from text"
+    head = "" if cfg.head_learning_rate is None else f" (the head {cfg.head_learning_rate:g})"
     return (f"{plan['name']}: layers {k + 1}..{n} over {below}, {what}, peak learning rate "
-            f"{cfg.learning_rate:g} after {cfg.warmup:.0%} of the steps: {chosen} at "
+            f"{cfg.learning_rate:g}{head} after {cfg.warmup:.0%} of the steps: {chosen} at "
             f"{spec['task_type'].replace('_', ' ')}'s default (er-ray train --help; BENCHMARKS.md)")
 
 
@@ -411,14 +415,15 @@ def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any
             "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
             "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
             "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples,
-            "warmup": opts.warmup_share(task_type)}
+            "warmup": opts.warmup_share(task_type), "head_learning_rate": opts.head_learning_rate}
     if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
         del want["precision"]
     have = metrics.get("settings")
     if have is None:
         say("train", f"{name}: its finished run records no settings (an older er_ray made it): training it again")
         return None
-    have = {"warmup": WARMUP, **have}  # runs from before --warmup warmed up over 6% of their steps
+    # runs from before --warmup warmed up over 6% of their steps, and before --head-learning-rate had one rate
+    have = {"warmup": WARMUP, "head_learning_rate": None, **have}
     if changed := [f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v]:
         say("train", f"{name}: its finished run had other settings ({', '.join(changed)}): training it again")
         return None

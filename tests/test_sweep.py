@@ -356,10 +356,10 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
     from er_ray.options import TrainOptions
     from er_ray.train import recipe_line
 
-    def plan(adapter, k, lr, warmup, task_type):
+    def plan(adapter, k, lr, warmup, task_type, head=None):
         spec = {"adapter": adapter, "adapter_size": 16, "cut_layer": k, "task_type": task_type}
         return {"name": "run", "num_layers": 6,
-                "config": SimpleNamespace(spec=spec, learning_rate=lr, warmup=warmup)}
+                "config": SimpleNamespace(spec=spec, learning_rate=lr, warmup=warmup, head_learning_rate=head)}
 
     opts = TrainOptions(task=["any"])
     assert recipe_line(plan("full", 1, 3e-4, 0.06, "question_answering"), opts) == (
@@ -371,6 +371,8 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
                                                        "(er-ray train --help; BENCHMARKS.md)")
     assert "adapter, learning rate, warm-up at token classification's" in \
         recipe_line(plan("lora", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
+    assert "peak learning rate 0.0003 (the head 0.003) after 6%" in \
+        recipe_line(plan("full", 3, 3e-4, 0.06, "classification", head=3e-3), opts)  # --head-learning-rate given
     from_text = plan("lora", 3, 3e-3, 0.25, "classification")
     from_text["config"].spec["source"] = "text"  # --from-text: no cache under the upper layers
     assert recipe_line(from_text, opts).startswith("run: layers 4..6 over layers 1..3 run from text, LoRA")

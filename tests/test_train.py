@@ -581,6 +581,48 @@ def test_warmup_is_an_option_of_the_recipe_named_in_the_run_and_checked():
             TrainOptions(task=["trec"], warmup=bad)
 
 
+def test_the_head_can_have_its_own_rate_named_in_the_run_and_checked(tmp_path):
+    """--head-learning-rate gives the fresh head its own peak rate (the rest keeps --learning-rate, both under one
+    schedule); a run with one is another run, and a finished run with another head rate is not reused."""
+    import transformers as tf
+    from er_ray.errors import OptionsError
+    from er_ray.model import ModelSpec, TaskModel
+    from er_ray.schedule import StepPlan, warmup_then_linear_decay
+    from er_ray.train_loop import param_groups
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32)
+    for adapter, body in (("full", 2 * 16), ("lora", 2 * 6 * 2)):  # trainable tensors below the head
+        model = TaskModel(tf.BertModel(cfg), ModelSpec(cut_layer=2, adapter=adapter, adapter_size=4, num_labels=3))
+        groups = param_groups(model, 1e-4, 3e-3)
+        assert [g["lr"] for g in groups] == [1e-4, 3e-3] and len(groups[0]["params"]) == body
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.classifier.parameters()}
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+        opt = torch.optim.AdamW(groups, lr=1e-4)
+        sched = warmup_then_linear_decay(opt, StepPlan(10, 0.2))
+        opt.step()
+        sched.step()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 3e-3])  # the peak, after 2 of 10 steps
+    assert [(len(g["params"]), g["lr"]) for g in param_groups(model, 1e-4, None)] == [(body + 2, 1e-4)]  # one
+    opts = TrainOptions(task=["wnut16"], adapter="full", head_learning_rate=3e-3, output=str(tmp_path))
+    assert opts.head_lr("token_classification") == 3e-3 and TrainOptions(task=["x"]).head_lr("classification") == \
+        DEFAULT_LR["full"]
+    assert run_name(opts, "wnut16", 12, "token_classification") == "wnut16-k6-full-head0.003-s0"
+    with pytest.raises(OptionsError, match="--head-learning-rate"):
+        TrainOptions(task=["trec"], head_learning_rate=0)
+    # a finished run records its head rate: the same name with another head rate is trained again
+    other = dataclasses.replace(opts, head_learning_rate=1e-2)
+    done = tmp_path / "runs" / "wnut16-k6-full-s0"
+    done.mkdir(parents=True)
+    settings = {"model": "minilm", "learning_rate": DEFAULT_LR["full"], "epochs": 3, "patience": 2, "batch_size": 32,
+                "zero_stage": 0, "seed": 0, "max_length": opts.max_length, "workers": 1, "budget_seconds": None,
+                "max_train_examples": None, "warmup": 0.06, "head_learning_rate": 3e-3}
+    (done / "metrics.json").write_text(json.dumps({"settings": settings}))
+    assert finished_run(opts, "wnut16-k6-full-s0", "token_classification") is not None
+    assert finished_run(other, "wnut16-k6-full-s0", "token_classification") is None
+
+
 def test_the_default_recipe_learns_where_the_old_one_sat_at_the_majority_class(ray_local, tmp_path):
     """Issue 15's guard: every option at its default (but the size of the data), a recycled model must beat the
     majority class by a margin on every seed. clothing_rating at a new user's budget (512 examples, 2 epochs) is
