@@ -90,8 +90,12 @@ def _drop_known_lines(record) -> bool:
     # Ray Data warns that it has no progress bars when asked for none (er_ray prints its own progress). Its issue
     # detectors advise on er_ray's own calls ("Operator 'MapBatches(ShardEncoder)' uses 2.5GiB of memory per
     # worker ... consider setting `memory=`", 14 lines during an mpnet cache build): nothing a user can act on;
-    # Ray's log files keep them.
-    return "Progress bars disabled" not in str(record.msg) and "issue_detect" not in record.name
+    # Ray's log files keep them. Tune warns when its driver's bookkeeping of a trial result takes over 0.5 s ("The
+    # `process_trial_result` operation took 0.654 s, which may be a performance bottleneck. Please consider reporting
+    # results less frequently"): on a 2-core machine busy with two trials it does, four lines at a time, and er_ray
+    # already reports once per epoch.
+    slow_tune = record.name.startswith("ray.tune") and "performance bottleneck" in str(record.msg)
+    return "Progress bars disabled" not in str(record.msg) and "issue_detect" not in record.name and not slow_tune
 
 
 def terminate_as_interrupt() -> None:

@@ -141,18 +141,27 @@ console.quiet_ray()
 logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager").warning(
     "Operator 'MapBatches(ShardEncoder)' uses 2.5GiB of memory per worker on average")
 logging.getLogger("ray.data._internal.execution").warning("a Ray Data warning a user must see")
+import time
+import ray.tune.utils.util as tune_util
+tune_util.START_OF_TIME -= 120  # Tune holds this warning back for a minute after its import
+with tune_util.warn_if_slow("process_trial_result", threshold=0.01):  # Tune's own timer, as its driver loop uses it
+    time.sleep(0.05)
+logging.getLogger("ray.tune.tune").warning("a Tune warning a user must see")
 """
 
 
-def test_ray_datas_advice_on_er_rays_own_calls_stays_off_the_console_unless_verbose():
+def test_rays_advice_on_er_rays_own_calls_stays_off_the_console_unless_verbose():
     """An mpnet cache build printed Ray Data's issue detector's 14-line advice to set `memory=` on er_ray's own
-    encoder: nothing a user can act on. Other Ray Data warnings still come through."""
+    encoder, and a study's sweep Tune's "operation took 0.654 s, which may be a performance bottleneck" four lines
+    at a time: nothing a user can act on. Other Ray Data and Tune warnings still come through."""
     for mode in ("quiet", "verbose"):
         out = subprocess.run([sys.executable, "-c", RAY_DATA_ADVICE, mode], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "a Ray Data warning a user must see" in out.stderr, (mode, out.stderr)
         assert ("uses 2.5GiB of memory per worker" in out.stderr) == (mode == "verbose"), (mode, out.stderr)
+        assert "a Tune warning a user must see" in out.stderr, (mode, out.stderr)
+        assert ("performance bottleneck" in out.stderr) == (mode == "verbose"), (mode, out.stderr)
 
 
 def test_bad_options_are_errors_not_tracebacks():
