@@ -1,6 +1,12 @@
-"""Scores of task models: accuracy counts, and span-level F1 for BIO tagging (seqeval's default rules)."""
+"""Scores of task models: accuracy counts, span-level F1 for BIO tagging (seqeval's default rules), and what to
+tell a user whose model learned nothing."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from .console import fmt_score
+from .qa import TRIVIAL_WORDS
 
 
 def bio_spans(tags: list[str]) -> set[tuple[str, int, int]]:
@@ -24,3 +30,32 @@ def span_counts(gold: list[str], pred: list[str]) -> tuple[int, int, int]:
 
 def f1(tp: float, fp: float, fn: float) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1e-12)
+
+
+# A QA model within this much dev F1 of the trivial answer learned nothing (bench/recipe_grid.py's collapse margin).
+QA_MARGIN = 0.02
+
+
+def learned_nothing(metrics: dict[str, Any]) -> str | None:
+    """What to tell a user whose model gives one answer to everything on dev (one class for every example, no
+    entity in any sentence, answers no better than a context's first words), or None. Seen with the default
+    recipe: sms_spam's seed 1 at the majority class (BENCHMARKS.md, the default recipe); a score alone does not
+    show it."""
+    dev = metrics.get("dev_all") or {}
+    if dev.get("classes_predicted") == 1:
+        what = f"predicts one class for every dev example (dev accuracy {fmt_score(dev['accuracy'])} is its share)"
+    elif dev.get("spans_predicted") == 0:
+        what = "finds no entity in any dev sentence"
+    elif dev.get("span_f1") == 0:  # seen: 1 span over wnut16's 240 dev tweets after 7 steps, none of them right
+        what = f"finds no dev entity right (span F1 0, {dev['spans_predicted']} span(s) predicted)"
+    elif "baseline_f1" in dev and dev["f1"] < dev["baseline_f1"] + QA_MARGIN:
+        what = (f"answers no better than the first {TRIVIAL_WORDS} words of each context (dev F1 "
+                f"{fmt_score(dev['f1'])} against their {fmt_score(dev['baseline_f1'])})")
+    else:
+        return None
+    # Which way to move depends on the task type (a longer warm-up saved sms_spam and sank wnut16; BENCHMARKS.md):
+    # say what the run had, not a direction.
+    warmup = (metrics.get("settings") or {}).get("warmup")
+    had = f" (now {warmup:g})" if warmup is not None else ""
+    return (f"the model {what}: it learned nothing else. Try another --learning-rate (now "
+            f"{metrics['learning_rate']:g}) or --warmup{had}, or more --epochs or training examples")

@@ -167,6 +167,19 @@ class TaskModel(nn.Module):
         """Only what training changed: adapters, head (and for full fine-tuning, the weights it trained)."""
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
+    def param_groups(self, learning_rate: float, head_learning_rate: float | None) -> list[dict]:
+        """The optimizer's groups: one, or with a head rate, what trains below the head at `learning_rate` and the
+        head at its own (the body first: its rate is the one the logs report; the schedule scales both alike).
+        One group without a head rate, as before it existed: a checkpoint's optimizer state must match the
+        groups of the run that resumes it."""
+        trains = [p for p in self.parameters() if p.requires_grad]
+        if head_learning_rate is None:
+            return [{"params": trains, "lr": learning_rate}]
+        head = {id(p) for p in self.classifier.parameters()}
+        body = [p for p in trains if id(p) not in head]
+        return ([{"params": body, "lr": learning_rate}] if body else []) + \
+            [{"params": list(self.classifier.parameters()), "lr": head_learning_rate}]
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -171,7 +171,7 @@ def trial_lines():
     of Tune's status tables (those come back with --verbose)."""
     from ray.tune import Callback
 
-    from .train import learned_nothing
+    from .metrics import learned_nothing
 
     class TrialLines(Callback):
         last, ended = 0.0, 0

@@ -27,8 +27,8 @@ from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
 from .defaults import WARMUP, default_adapter, default_learning_rate, default_warmup
+from .metrics import learned_nothing
 from .options import TrainOptions
-from .qa import TRIVIAL_WORDS
 from .train_loop import LiveMetrics, LoopConfig, train_loop
 
 
@@ -281,35 +281,6 @@ def fit_run(plan: dict[str, Any], opts: TrainOptions, concurrent_workers: int, c
     if warning := learned_nothing(metrics):
         say("train", f"{plan['name']}: {warning}")
     return metrics
-
-
-# A QA model within this much dev F1 of the trivial answer learned nothing (bench/recipe_grid.py's collapse margin).
-QA_MARGIN = 0.02
-
-
-def learned_nothing(metrics: dict[str, Any]) -> str | None:
-    """What to tell a user whose model gives one answer to everything on dev (one class for every example, no
-    entity in any sentence, answers no better than a context's first words), or None. Seen with the default
-    recipe: sms_spam's seed 1 at the majority class (BENCHMARKS.md, the default recipe); a score alone does not
-    show it."""
-    dev = metrics.get("dev_all") or {}
-    if dev.get("classes_predicted") == 1:
-        what = f"predicts one class for every dev example (dev accuracy {fmt_score(dev['accuracy'])} is its share)"
-    elif dev.get("spans_predicted") == 0:
-        what = "finds no entity in any dev sentence"
-    elif dev.get("span_f1") == 0:  # seen: 1 span over wnut16's 240 dev tweets after 7 steps, none of them right
-        what = f"finds no dev entity right (span F1 0, {dev['spans_predicted']} span(s) predicted)"
-    elif "baseline_f1" in dev and dev["f1"] < dev["baseline_f1"] + QA_MARGIN:
-        what = (f"answers no better than the first {TRIVIAL_WORDS} words of each context (dev F1 "
-                f"{fmt_score(dev['f1'])} against their {fmt_score(dev['baseline_f1'])})")
-    else:
-        return None
-    # Which way to move depends on the task type (a longer warm-up saved sms_spam and sank wnut16; BENCHMARKS.md):
-    # say what the run had, not a direction.
-    warmup = (metrics.get("settings") or {}).get("warmup")
-    had = f" (now {warmup:g})" if warmup is not None else ""
-    return (f"the model {what}: it learned nothing else. Try another --learning-rate (now "
-            f"{metrics['learning_rate']:g}) or --warmup{had}, or more --epochs or training examples")
 
 
 # The phases of a run, in order: what the driver spent before Ray Train (Ray, the data), Ray Train starting the

@@ -58,9 +58,8 @@ class LoopConfig:
     """seconds of training to spend: after the first epoch, the epochs that fit are planned (at most `epochs`)"""
     max_train_examples: int | None = None
     warmup: float = WARMUP
-    head_learning_rate: float | None = None
-    """the head's own peak rate (None: learning_rate)"""
     """share of the steps warming up (resolved per adapter kind on the driver)"""
+    head_learning_rate: float | None = None  # the head's own peak rate (None: learning_rate)
     threads: int | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -118,20 +117,6 @@ def deepspeed_config(batch_size: int, world: int, zero: int, precision: str) -> 
             "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def param_groups(model, learning_rate: float, head_learning_rate: float | None) -> list[dict]:
-    """The optimizer's groups: one, or with a head rate, what trains below the head at `learning_rate` and the
-    head at its own. The body comes first: its rate is the one the logs report (engine.get_lr()[0]); the schedule
-    scales both alike. One group when there is no head rate, as before it existed: a checkpoint's optimizer state
-    must match the groups of the run that resumes it."""
-    trains = [p for p in model.parameters() if p.requires_grad]
-    if head_learning_rate is None:
-        return [{"params": trains, "lr": learning_rate}]
-    head = {id(p) for p in model.classifier.parameters()}
-    body = [p for p in trains if id(p) not in head]
-    return ([{"params": body, "lr": learning_rate}] if body else []) + \
-        [{"params": list(model.classifier.parameters()), "lr": head_learning_rate}]
-
-
 def init_deepspeed(model, optimizer, scheduler, cfg: dict, cpu: bool):
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -167,8 +152,8 @@ class Worker:
         self.enc = load_encoder(cfg.model)
         self.spec = ModelSpec(**cfg.spec)
         self.model = TaskModel(self.enc.model, self.spec).to(self.device)
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.learning_rate, cfg.head_learning_rate),
-                                      lr=cfg.learning_rate, weight_decay=0.01)
+        groups = self.model.param_groups(cfg.learning_rate, cfg.head_learning_rate)  # each with its own peak
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
         self.steps_per_epoch = max(1, -(-cfg.train_rows // (cfg.batch_size * self.world)))
         self.plan = StepPlan(self.steps_per_epoch * cfg.epochs, cfg.warmup)
         scheduler = warmup_then_linear_decay(optimizer, self.plan)
@@ -410,8 +395,7 @@ class Worker:
                    "examples_per_second": float(np.mean([h["examples_per_second"] for h in history])),
                    # epochs an older er_ray trained (a resumed run) have no MFU: the mean of those that do, or None
                    "mfu": float(np.mean(mfus)) if (mfus := [h["mfu"] for h in history if "mfu" in h]) else None,
-                   "matmul_peak_flops": self.peak,
-                   "data_stall": float(np.mean([h["data_stall"] for h in history])),
+                   "matmul_peak_flops": self.peak, "data_stall": float(np.mean([h["data_stall"] for h in history])),
                    "trainable_parameters": self.model.num_trainable(), "learning_rate": cfg.learning_rate,
                    "batch_size": cfg.batch_size, "workers": cfg.workers, "precision": cfg.precision,
                    "zero_stage": cfg.zero_stage, "seed": cfg.seed, "budget_seconds": cfg.budget_seconds,
