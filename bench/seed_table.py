@@ -1,6 +1,11 @@
-"""Aggregate a study's finished runs (runs/*/metrics.json) per task and variant over seeds: the table for #15.
+"""Aggregate a study's finished runs (runs/*/metrics.json) per task and configuration over seeds: issue 15's table
+for a study that has not finished (a finished one writes the same figures to its REPORT.md).
 
-    python bench/seed_table.py /work/study15/out/minilm/runs   # or bench/results/study15_minilm_seeds012_partial
+    python bench/seed_table.py /work/study15full/out/minilm/runs   # or a kept copy under bench/results/
+
+Fine-tuning's row is its learning rate picked on dev with the first seed (the study's rule); every recycled
+configuration gets a row (cut layer, adapter, rate), and runs with a time budget (the study's "at fine-tuning's
+time") one of their own. "diff" is the mean over the seeds both rows have of recycled - fine-tuning, in points.
 """
 import json
 import statistics
@@ -8,26 +13,45 @@ import sys
 from pathlib import Path
 
 runs = Path(sys.argv[1])
-PICK = {"movie_sentiment": 2, "clothing_rating": 2, "wnut16": 4}  # the sweep's pick where it is not L/2 (k = 3)
-rows = {}
+rows: dict[tuple[str, str], dict[int, dict]] = {}
 for f in sorted(runs.glob("*/metrics.json")):
     m = json.loads(f.read_text())
-    if m.get("budget_seconds") or (m["full_finetune"] and abs(m["learning_rate"] - 1e-4) > 1e-12):
-        continue  # equal-time runs, and fine-tuning at the losing rate
-    v = "finetune" if m["full_finetune"] else f"k{m['cut_layer']}"
-    rows.setdefault((m["task"], v), {})[m["seed"]] = m["test"]
-tasks = sorted({t for t, _ in rows})
-print("| task | fine-tuning (1e-4) | k = 3 (L/2) | diff | the pick | diff |")
+    if m["full_finetune"]:
+        config = f"finetune lr {m['learning_rate']:g}"
+    else:
+        size = "" if m["adapter"] == "full" else f" {m['adapter_size']}"
+        config = f"k={m['cut_layer']} {m['adapter']}{size} lr {m['learning_rate']:g}"
+        config += ", fine-tuning's time" if m.get("budget_seconds") else ""
+    rows.setdefault((m["task"], config), {})[m["seed"]] = {"test": m["test"], "dev": m["dev"],
+                                                          "epochs": m["epochs_run"]}
+
+
+def fmt(d: dict[int, dict]) -> str:
+    xs = [d[s]["test"] for s in sorted(d)]
+    spread = f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
+    return f"{statistics.fmean(xs):.4f}{spread} ({', '.join(f'{x:.4f}' for x in xs)})"
+
+
+def diff(a: dict[int, dict], b: dict[int, dict]) -> str:
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "-"
+    gaps = [100 * (a[s]["test"] - b[s]["test"]) for s in common]
+    return f"{statistics.fmean(gaps):+.2f} (worst {min(gaps):+.2f}; seeds {','.join(map(str, common))})"
+
+
+print("| task | configuration | seeds | test: mean ± sd (per seed) | epochs | vs fine-tuning, points |")
 print("|---|---|---|---|---|---|")
-for t in tasks:
-    ft = rows.get((t, "finetune"), {})
-    l2 = rows.get((t, "k3"), {})
-    pk = rows.get((t, f"k{PICK.get(t, 3)}"), {})
-    def fmt(d):
-        xs = [d[s] for s in sorted(d)]
-        return (f"{statistics.fmean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
-                + f" ({len(xs)}: " + ", ".join(f"{x:.4f}" for x in xs) + ")") if xs else "-"
-    def diff(a, b):
-        common = sorted(set(a) & set(b))
-        return f"{100 * statistics.fmean(a[s] - b[s] for s in common):+.2f} (seeds {common})" if common else "-"
-    print(f"| {t} | {fmt(ft)} | {fmt(l2)} | {diff(l2, ft)} | {fmt(pk)} | {diff(pk, ft)} |")
+for task in sorted({t for t, _ in rows}):
+    mine = {c: d for (t, c), d in rows.items() if t == task}
+    tuned = {c: d for c, d in mine.items() if c.startswith("finetune")}
+    first = min(s for d in tuned.values() for s in d) if tuned else None
+    ft_config = max((c for c in tuned if first in tuned[c]), key=lambda c: tuned[c][first]["dev"], default=None)
+    ft = mine.get(ft_config, {})
+    for config, d in sorted(mine.items(), key=lambda kv: (not kv[0].startswith("finetune"), kv[0])):
+        if config.startswith("finetune") and config != ft_config:
+            continue  # the rate that lost on dev
+        epochs = "/".join(str(d[s]["epochs"]) for s in sorted(d))
+        gap = "" if config == ft_config else diff(d, ft)
+        print(f"| {task} | {config}{' (picked on dev)' if config == ft_config else ''} | {len(d)} | {fmt(d)} | "
+              f"{epochs} | {gap} |")

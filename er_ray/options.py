@@ -113,14 +113,15 @@ class VariantOptions:
     the paper's cut for QA)"""
     adapter: Adapter | None = None
     """full (upper layers fully trained, the paper's v1), lora (PEFT, size = rank) or bottleneck (Houlsby, size =
-    width) (default: full, which reaches fine-tuning where LoRA trails it, BENCHMARKS.md; token classification:
-    lora; lora exports a task model ~16x smaller)"""
+    width) (default: full on every task type, which reaches fine-tuning where LoRA trails it, BENCHMARKS.md; lora
+    exports a task model ~16x smaller)"""
     adapter_size: int = 16
     """LoRA rank or bottleneck width"""
     learning_rate: float | None = None
     """peak learning rate, reached after the --warmup share of the steps and decayed linearly to 0 (default:
-    lora 3e-3, bottleneck 1e-3, full 3e-4 and fine-tuning 1e-4; for token classification: lora 1e-3; for question
-    answering: full 3e-4 and fine-tuning 3e-4; chosen on grids over the built-in tasks, BENCHMARKS.md)"""
+    lora 3e-3, bottleneck 1e-3, full 3e-4 and fine-tuning 1e-4; for token classification: lora 1e-3 and full 1e-3;
+    for question answering: full 3e-4 and fine-tuning 3e-4; chosen on grids over the built-in tasks,
+    BENCHMARKS.md)"""
     head_learning_rate: float | None = None
     """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate);
     same warm-up and decay"""

@@ -250,7 +250,8 @@ def test_the_grid_takes_each_task_types_default_learning_rate():
     opts = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora", "full"], adapter_size=[8])
     for task_type in ("classification", "token_classification"):
         assert [(p["adapter"], p["learning_rate"]) for p in grid(opts, 6, task_type)] == \
-            [("lora", default_learning_rate("lora", task_type)), ("full", DEFAULT_LR["full"])]
+            [("lora", default_learning_rate("lora", task_type)), ("full", default_learning_rate("full", task_type))]
+    assert default_learning_rate("full", "token_classification") != DEFAULT_LR["full"]  # tagging's own (wnut16)
     given = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora"], learning_rate=[2e-3])
     assert {p["learning_rate"] for p in grid(given, 6, "token_classification")} == {2e-3}  # given rates win
 
@@ -286,16 +287,15 @@ def test_a_question_answering_run_defaults_to_the_whole_upper_layers_over_a_quar
     assert run_name(plain, "squad", 6, "question_answering") == "squad-k1-full-s0"  # every default: unnamed
     assert run_name(plain, "squad", 12, "question_answering") == "squad-k3-full-s0"
     assert run_name(plain, "trec", 6, "classification") == "trec-k3-full-s0"
-    assert run_name(plain, "wnut16", 6, "token_classification") == "wnut16-k3-lora16-s0"
+    assert run_name(plain, "wnut16", 6, "token_classification") == "wnut16-k3-full-s0"
     assert plain.lr("question_answering") == 3e-4 and plain.lr("classification") == 3e-4
-    assert plain.lr("token_classification") == 1e-3
-    assert plain.for_task_types(["question_answering"]).adapter == "full"
-    assert plain.for_task_types(["classification"]).adapter == "full"
-    assert plain.for_task_types(["token_classification"]).adapter == "lora"
-    # types that default differently (possible with --max-length given): each run resolves its own
-    mixed = TrainOptions(task=["squad", "wnut16"], max_length=128)
-    assert mixed.for_task_types(["question_answering", "token_classification"]).adapter is None
-    assert plain.for_task_types(["classification", "token_classification"]).adapter is None
+    assert plain.lr("token_classification") == 1e-3  # the whole upper layers' tagging rate
+    assert TrainOptions(task=["wnut16"], adapter="lora").lr("token_classification") == 1e-3  # LoRA's own, if asked
+    mixed = TrainOptions(task=["squad", "wnut16"], max_length=128)  # QA's and a tagger's windows differ otherwise
+    for types in (["question_answering"], ["classification"], ["token_classification"],
+                  ["classification", "token_classification"]):
+        assert plain.for_task_types(types).adapter == "full", types  # every type defaults to the whole upper layers
+    assert mixed.for_task_types(["question_answering", "token_classification"]).adapter == "full"
     # what is given is kept
     lora = TrainOptions(task=["squad"], adapter="lora", cut_layer=3)
     assert run_name(lora, "squad", 6, "question_answering") == "squad-k3-lora16-s0"
@@ -370,7 +370,7 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
     assert "the whole upper layers" in line and line.endswith("cut layer, adapter, warm-up at classification's default "
                                                        "(er-ray train --help; BENCHMARKS.md)")
     assert "adapter, learning rate, warm-up at token classification's" in \
-        recipe_line(plan("lora", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
+        recipe_line(plan("full", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
     assert "peak learning rate 0.0003 (the head 0.003) after 6%" in \
         recipe_line(plan("full", 3, 3e-4, 0.06, "classification", head=3e-3), opts)  # --head-learning-rate given
     from_text = plan("lora", 3, 3e-3, 0.25, "classification")
