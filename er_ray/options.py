@@ -156,10 +156,6 @@ class VariantOptions:
         """The learning rate this run uses on a task of this type (required: each type has its own default)."""
         return self.learning_rate or default_learning_rate(self.kind_for(task_type), task_type)
 
-    def head_lr(self, task_type: str) -> float:
-        """The task head's learning rate on a task of this type: --head-learning-rate, or the rest's."""
-        return self.head_learning_rate or self.lr(task_type)
-
 
 @dataclass(kw_only=True)
 class RecipeOptions:

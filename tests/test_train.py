@@ -607,8 +607,6 @@ def test_the_head_can_have_its_own_rate_named_in_the_run_and_checked(tmp_path):
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 3e-3])  # the peak, after 2 of 10 steps
     assert [(len(g["params"]), g["lr"]) for g in model.param_groups(1e-4, None)] == [(body + 2, 1e-4)]  # one
     opts = TrainOptions(task=["wnut16"], adapter="full", head_learning_rate=3e-3, output=str(tmp_path))
-    assert opts.head_lr("token_classification") == 3e-3 and TrainOptions(task=["x"]).head_lr("classification") == \
-        DEFAULT_LR["full"]
     assert run_name(opts, "wnut16", 12, "token_classification") == "wnut16-k6-full-head0.003-s0"
     with pytest.raises(OptionsError, match="--head-learning-rate"):
         TrainOptions(task=["trec"], head_learning_rate=0)
