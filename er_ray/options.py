@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from .defaults import default_adapter, default_learning_rate, default_warmup
+from .defaults import default_adapter, default_head_learning_rate, default_learning_rate, default_warmup
 from .errors import OptionsError
 
 Adapter = Literal["lora", "bottleneck", "full"]
@@ -123,8 +123,8 @@ class VariantOptions:
     for question answering: full 3e-4 and fine-tuning 3e-4; chosen on grids over the built-in tasks,
     BENCHMARKS.md)"""
     head_learning_rate: float | None = None
-    """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate);
-    same warm-up and decay"""
+    """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate;
+    for token classification with full: 1e-2); same warm-up and decay"""
     full_finetune: bool = False
     """train the whole model from text (the baseline), instead of a recycled model from the cache"""
     from_text: bool = False
@@ -155,6 +155,11 @@ class VariantOptions:
     def lr(self, task_type: str) -> float:
         """The learning rate this run uses on a task of this type (required: each type has its own default)."""
         return self.learning_rate or default_learning_rate(self.kind_for(task_type), task_type)
+
+    def head_lr(self, task_type: str) -> float | None:
+        """The head's own peak rate on a task of this type: --head-learning-rate, or the default of what trains
+        (None: the head trains at the run's learning rate)."""
+        return self.head_learning_rate or default_head_learning_rate(self.kind_for(task_type), task_type)
 
 
 @dataclass(kw_only=True)

@@ -113,13 +113,17 @@ def _finished(run: str, config: dict[str, Any]) -> bool:
     if had != json.loads(json.dumps(_trial_key(config))):
         return False
     # "the default" warm-up is the adapter's, and a default can change: the run's own record decides
-    ran = storage.read_json(storage.join(run, "metrics.json")).get("settings", {}).get("warmup", WARMUP)
+    settings = storage.read_json(storage.join(run, "metrics.json")).get("settings", {})
+    ran = settings.get("warmup", WARMUP)
     # (a sweep saved by an older er_ray and restored by Tune has trial configs without the task's type)
     if (task_type := config.get("task_type")) is None:
         from . import tasks
 
         task_type = tasks.load_task(config["task"]).type
-    return ran == _trial_options(config).warmup_share(task_type)
+    opts = _trial_options(config)
+    # the head's rate too: its default can change (runs from before it existed had the run's rate: None)
+    head = settings.get("head_learning_rate")
+    return ran == opts.warmup_share(task_type) and head == opts.head_lr(task_type)
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:

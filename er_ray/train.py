@@ -26,7 +26,7 @@ import pyarrow as pa
 from . import storage
 from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
-from .defaults import WARMUP, default_adapter, default_learning_rate, default_warmup
+from .defaults import WARMUP, default_adapter, default_head_learning_rate, default_learning_rate, default_warmup
 from .metrics import learned_nothing
 from .options import TrainOptions
 from .train_loop import LiveMetrics, LoopConfig, train_loop
@@ -66,7 +66,8 @@ def run_name(opts: TrainOptions, task: str, num_layers: int, task_type: str) -> 
         ("" if adapter == "full" else f"{opts.adapter_size}") + ("-text" if opts.from_text else "")
     lr = opts.lr(task_type)
     lr_part = "" if lr == default_learning_rate(opts.kind_for(task_type), task_type) else f"-lr{lr:g}"
-    lr_part += "" if opts.head_learning_rate is None else f"-head{opts.head_learning_rate:g}"
+    head = opts.head_lr(task_type)
+    lr_part += "" if head == default_head_learning_rate(opts.kind_for(task_type), task_type) else f"-head{head:g}"
     budget = "" if opts.budget_seconds is None else f"-{opts.budget_seconds:g}s"
     wu = opts.warmup_share(task_type)
     warmup = "" if wu == default_warmup(opts.kind_for(task_type), task_type) else f"-wu{wu:g}"
@@ -147,7 +148,7 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
                         max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type),
-                        head_learning_rate=opts.head_learning_rate)
+                        head_learning_rate=opts.head_lr(task.type))
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"],
             "num_layers": fp["num_layers"]}
 
@@ -166,7 +167,8 @@ def recipe_line(plan: dict[str, Any], opts: TrainOptions) -> str | None:
     cfg, spec = plan["config"], plan["config"].spec
     ttype, adapter, k, n = spec["task_type"], spec["adapter"], spec["cut_layer"], plan["num_layers"]
     defaults = {"cut layer": k == default_cut_layer(n, ttype), "adapter": adapter == default_adapter(ttype),
-                "learning rate": cfg.learning_rate == default_learning_rate(adapter, ttype),
+                "learning rate": cfg.learning_rate == default_learning_rate(adapter, ttype)
+                and cfg.head_learning_rate == default_head_learning_rate(adapter, ttype),
                 "warm-up": cfg.warmup == default_warmup(adapter, ttype)}
     if opts.full_finetune or not (defaults["cut layer"] or defaults["adapter"]):
         return None
@@ -386,7 +388,7 @@ def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any
             "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
             "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
             "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples,
-            "warmup": opts.warmup_share(task_type), "head_learning_rate": opts.head_learning_rate}
+            "warmup": opts.warmup_share(task_type), "head_learning_rate": opts.head_lr(task_type)}
     if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
         del want["precision"]
     have = metrics.get("settings")

@@ -346,6 +346,17 @@ def test_a_trial_saved_before_trials_knew_their_task_type_is_still_found_finishe
     assert _finished(str(run), config)  # the old config: its type read from the task
     assert _finished(str(run), dict(config, task_type="classification"))
     assert not _finished(str(run), dict(config, task_type="token_classification"))  # a tagger's default is 6%
+    # a tagger's `full` trial from before its head had its own default rate (1e-2) is trained again
+    point = {"cut_layer": 3, "adapter": "full", "adapter_size": None, "learning_rate": 1e-3}
+    tagger = {"task": "wnut16", "point": point, "train": train, "cache": str(tmp_path / "c"),
+              "task_type": "token_classification"}
+    run = tmp_path / "runs" / "wnut16-k3-full-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.06, "head_learning_rate": None}}))
+    _mark_finished(str(run), tagger)
+    assert not _finished(str(run), tagger)
+    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.06, "head_learning_rate": 1e-2}}))
+    assert _finished(str(run), tagger)
 
 
 def test_the_console_says_what_a_defaulted_run_trains_and_why():
@@ -369,8 +380,11 @@ def test_the_console_says_what_a_defaulted_run_trains_and_why():
     line = recipe_line(plan("full", 3, 1e-3, 0.06, "classification"), opts)  # --learning-rate 1e-3 given
     assert "the whole upper layers" in line and line.endswith("cut layer, adapter, warm-up at classification's default "
                                                        "(er-ray train --help; BENCHMARKS.md)")
-    assert "adapter, learning rate, warm-up at token classification's" in \
-        recipe_line(plan("full", 2, 1e-3, 0.06, "token_classification"), opts)  # --cut-layer 2 given
+    line = recipe_line(plan("full", 2, 1e-3, 0.06, "token_classification", head=1e-2), opts)  # --cut-layer 2
+    assert "peak learning rate 0.001 (the head 0.01) after 6% of the steps: adapter, learning rate, warm-up at " \
+        "token classification's" in line, line  # the tagger's head has its own default rate
+    assert "adapter, warm-up at token classification's" in \
+        recipe_line(plan("full", 2, 1e-3, 0.06, "token_classification"), opts)  # --head-learning-rate 1e-3
     assert "peak learning rate 0.0003 (the head 0.003) after 6%" in \
         recipe_line(plan("full", 3, 3e-4, 0.06, "classification", head=3e-3), opts)  # --head-learning-rate given
     from_text = plan("lora", 3, 3e-3, 0.25, "classification")
