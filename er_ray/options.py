@@ -124,7 +124,7 @@ class VariantOptions:
     BENCHMARKS.md)"""
     head_learning_rate: float | None = None
     """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate;
-    for token classification with full: 1e-2); same warm-up and decay"""
+    for token classification with full and fine-tuning: 1e-2); same warm-up and decay"""
     full_finetune: bool = False
     """train the whole model from text (the baseline), instead of a recycled model from the cache"""
     from_text: bool = False

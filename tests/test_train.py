@@ -620,6 +620,9 @@ def test_the_head_can_have_its_own_rate_named_in_the_run_and_checked(tmp_path):
     assert run_name(plain, "wnut16", 12, "token_classification") == "wnut16-k6-full-s0" == \
         run_name(dataclasses.replace(plain, head_learning_rate=1e-2), "wnut16", 12, "token_classification")
     assert TrainOptions(task=["wnut16"], adapter="lora").head_lr("token_classification") is None  # no evidence
+    baseline = TrainOptions(task=["wnut16"], full_finetune=True)  # fine-tuning's head too: a fair baseline
+    assert baseline.head_lr("token_classification") == 1e-2 and baseline.head_lr("classification") is None
+    assert run_name(baseline, "wnut16", 12, "token_classification") == "wnut16-finetune-s0"
     # a finished run records its head rate: the same name with another head rate is trained again
     other = dataclasses.replace(opts, head_learning_rate=1e-2)
     done = tmp_path / "runs" / "wnut16-k6-full-s0"
