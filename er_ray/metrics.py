@@ -55,7 +55,10 @@ def learned_nothing(metrics: dict[str, Any]) -> str | None:
         return None
     # Which way to move depends on the task type (a longer warm-up saved sms_spam and sank wnut16; BENCHMARKS.md):
     # say what the run had, not a direction.
-    warmup = (metrics.get("settings") or {}).get("warmup")
-    had = f" (now {warmup:g})" if warmup is not None else ""
+    settings = metrics.get("settings") or {}
+    had = f" (now {settings['warmup']:g})" if settings.get("warmup") is not None else ""
+    # a head with its own rate (a tagger's default) is a knob of its own: the one that moved wnut16 (BENCHMARKS.md)
+    head = settings.get("head_learning_rate")
+    head = f", --head-learning-rate (now {head:g})" if head is not None else ""
     return (f"the model {what}: it learned nothing else. Try another --learning-rate (now "
-            f"{metrics['learning_rate']:g}) or --warmup{had}, or more --epochs or training examples")
+            f"{metrics['learning_rate']:g}){head} or --warmup{had}, or more --epochs or training examples")

@@ -139,6 +139,9 @@ def test_a_model_with_one_answer_for_everything_is_told_not_just_scored():
     said = learned_nothing({**run(classes_predicted=1, accuracy=0.55), "settings": {"warmup": 0.25}})
     assert "--warmup (now 0.25)" in said, said  # what the run had, not a direction (it depends on the task type)
     assert "no entity" in learned_nothing(run(span_f1=0.0, spans_predicted=0))
+    said = learned_nothing({**run(span_f1=0.0, spans_predicted=0), "settings": {"head_learning_rate": 1e-2}})
+    assert "--learning-rate (now 0.003), --head-learning-rate (now 0.01) or --warmup" in said, said  # its own knob
+    assert "--head-learning-rate" not in learned_nothing(run(classes_predicted=1, accuracy=0.55))  # one rate: not
     assert learned_nothing(run(accuracy=0.61, classes_predicted=3)) is None
     # a few spans, none right, is no better (seen: 1 span over 240 tweets); some right is a score, not this
     said = learned_nothing(run(span_f1=0.0, spans_predicted=1))
