@@ -32,16 +32,19 @@ def test_train_help_states_the_default_learning_rates():
     """The defaults come from a grid over every built-in task (BENCHMARKS.md); --help must say what they are."""
     import re
 
-    from er_ray.defaults import DEFAULT_LR, DEFAULT_LR_QA, DEFAULT_LR_TOKENS
+    from er_ray.defaults import DEFAULT_LR, DEFAULT_LR_QA, DEFAULT_LR_TOKENS, default_learning_rate
 
     out = " ".join(run("train", "--help").stdout.split())  # argparse wraps lines
     text = out.split("--learning-rate LEARNING_RATE")[-1][:400]
     classification, tokens = text.split("for token classification:")
     tokens, answers = tokens.split("for question answering:")
-    for part, expected in ((classification, DEFAULT_LR), (tokens, DEFAULT_LR_TOKENS),
-                           (answers.split(";")[0], DEFAULT_LR_QA)):
-        stated = dict(re.findall(r"(lora|bottleneck|full|fine-tuning) ([0-9.e-]+[0-9])", part))
-        assert {a.replace("fine-tuning", "finetune"): float(v) for a, v in stated.items()} == expected, out
+    for part, task_type, own in ((classification, "classification", DEFAULT_LR),
+                                 (tokens, "token_classification", DEFAULT_LR_TOKENS),
+                                 (answers.split(";")[0], "question_answering", DEFAULT_LR_QA)):
+        stated = {a.replace("fine-tuning", "finetune"): float(v)
+                  for a, v in re.findall(r"(lora|bottleneck|full|fine-tuning) ([0-9.e-]+[0-9])", part)}
+        assert set(own) <= set(stated), out  # every rate of the task type's own is stated...
+        assert stated == {kind: default_learning_rate(kind, task_type) for kind in stated}, out  # ...and true
     from er_ray.defaults import DEFAULT_ADAPTER, DEFAULT_WARMUP, WARMUP
 
     adapter = out.split("--adapter {")[-1][:300]  # and the kind each task type trains by default

@@ -251,7 +251,7 @@ def test_the_grid_takes_each_task_types_default_learning_rate():
     for task_type in ("classification", "token_classification"):
         assert [(p["adapter"], p["learning_rate"]) for p in grid(opts, 6, task_type)] == \
             [("lora", default_learning_rate("lora", task_type)), ("full", default_learning_rate("full", task_type))]
-    assert default_learning_rate("full", "token_classification") != DEFAULT_LR["full"]  # tagging's own (wnut16)
+    assert default_learning_rate("lora", "token_classification") != DEFAULT_LR["lora"]  # tagging's own (wnut16)
     given = build(SweepOptions, task=["trec"], cut_layer=[3], adapter=["lora"], learning_rate=[2e-3])
     assert {p["learning_rate"] for p in grid(given, 6, "token_classification")} == {2e-3}  # given rates win
 
