@@ -101,7 +101,8 @@ def finetune_lr_grid(task_type: str) -> list[float]:
 # (one rate) had span F1 0.266 / 0.336 / 0.278 where LoRA at its own (1e-3) had 0.162 / 0.194 / 0.144, lower on
 # every seed (BENCHMARKS.md, "`full` becomes the tagging default"); at 3e-4 with its head at 1e-2 (above, below)
 # 0.457 / 0.458 / 0.411, but fine-tuning with its head at 1e-2 has 0.481 / 0.495 / 0.456: tagging is recycling's
-# open accuracy gap. On mpnet at 1,000 x 2 no arm, fine-tuning included, leaves the tags' prior.
+# open accuracy gap. On mpnet (k = 6) `full` at 3e-4 stays on the tags' prior; at 1e-4 it learns (0.233 / 0.248 /
+# 0.241; BENCHMARKS.md, "The tagging body's rate on mpnet"): the next default to weigh.
 DEFAULT_ADAPTER = {None: "full"}
 
 
