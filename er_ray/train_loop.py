@@ -80,7 +80,7 @@ class LoopState:
     stopped: bool = False
     """a finished run: a resumed one is not trained again"""
     planned_epochs: int | None = None
-    """under a time budget: the epochs that fit it, fixed after the first (the learning rate decays over them)"""
+    """under a time budget: the epochs that fit it, planned after the first, only ever shortened after that"""
     checkpoint_seconds: float = 0.0
     """saving and reporting the epochs' checkpoints so far (the timeline's `checkpoint`)"""
     best_weights: dict | None = None
@@ -169,8 +169,7 @@ class Worker:
         self.setup_seconds = time.time() - self.started_at  # the model loaded, DeepSpeed started, the peak measured
 
     def step_flops(self, real_tokens: int, seq_len: int) -> float:
-        """Model FLOPs of one training step (er_ray.flops): the layers that train, and frozen lower layers run
-        from text."""
+        """Model FLOPs of one training step (er_ray.flops): the layers that train, and frozen lower ones from text."""
         k = self.spec.cut_layer
         h, i, n = model_shape(self.enc.model.config)
         trains = self.spec.full_finetune or self.spec.adapter == "full"
@@ -324,8 +323,7 @@ class Worker:
 
     def agree_to_keep(self, split: str) -> None:
         """Trap: Ray Data's split coordinator starts a pass only when every worker asks for one; a worker that
-        replayed its kept shard while another read its own would leave that one waiting for ever. All keep, or
-        none."""
+        replayed its kept shard while another read its own would leave that one waiting for ever. All or none."""
         if split not in self.kept or self.world == 1:
             return
         import torch
@@ -441,11 +439,13 @@ def train_loop(config: dict) -> None:
     first = state.epochs_done
     for epoch in range(first, cfg.epochs if not state.stopped else 0):
         row = worker.train_epoch(epoch)
-        if cfg.budget_seconds and state.planned_epochs is None:
-            state.planned_epochs = epochs_in_budget(
-                cfg.budget_seconds, worker.slowest(row["train_seconds"]),
-                worker.slowest(row["train_seconds"] - row["first_batch_seconds"]), cfg.epochs)
-            worker.plan_epochs(state.planned_epochs)
+        if cfg.budget_seconds:  # planned after the first epoch, shortened if later ones run slower (a busy machine)
+            spent = row["train_seconds"] + sum(h["train_seconds"] for h in state.history)
+            fit = epochs_in_budget(cfg.budget_seconds, worker.slowest(spent), worker.slowest(
+                row["train_seconds"] - row["first_batch_seconds"]), cfg.epochs, done=epoch + 1)
+            if fit < (state.planned_epochs or cfg.epochs + 1):  # the decay then reaches zero at the new end
+                state.planned_epochs = fit
+                worker.plan_epochs(fit)
         t = time.perf_counter()
         dev = worker.evaluate("dev")
         row["evaluate_seconds"] = time.perf_counter() - t

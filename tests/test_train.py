@@ -112,20 +112,20 @@ def test_a_finished_run_is_reused_only_under_its_own_settings(trec_lora, out, ca
 
 def test_wnut16_reports_span_f1_and_its_default_recipe_finds_entities(ray_local, out):
     # The study's budget (1,000 sentences x 2 epochs) at the seed where LoRA warming up over a quarter of the steps
-    # found no entity (BENCHMARKS.md, "the warm-up"); the default is now the whole upper layers at classification's
-    # rate, its head at its own (test span F1 0.458 on this seed here, 0.336 with the head at the body's rate:
-    # BENCHMARKS.md, "The tagger's head at its own rate").
+    # found no entity (BENCHMARKS.md, "the warm-up"); the default is now the whole upper layers at tagging's own
+    # rate (1e-4: mpnet learns nothing at classification's 3e-4), its head at its own (test span F1 0.386 on this
+    # seed here: BENCHMARKS.md, "The tagging body's rate on mpnet").
     m = train(TrainOptions(task=["wnut16"], output=str(out), epochs=2, max_train_examples=1000, seed=1,
                            max_length=128))[0]
     assert m["metric"] == "span_f1" and "token_accuracy" in m["test_all"]
     assert m["adapter"] == default_adapter("token_classification") == "full"
-    assert m["learning_rate"] == default_learning_rate("full", "token_classification") == DEFAULT_LR["full"]
+    assert m["learning_rate"] == default_learning_rate("full", "token_classification") == 1e-4 != DEFAULT_LR["full"]
     assert m["settings"]["warmup"] == default_warmup("full", "token_classification")
     assert m["settings"]["head_learning_rate"] == default_head_learning_rate("full", "token_classification") == 1e-2
     # It finds whole entities, on dev and on test: predicting "O" everywhere (94.7% of test words) scores 0 here.
     assert m["dev"] > 0.0 and m["test"] > 0.0, (m["dev"], m["test"])
     assert m["test"] == m["test_all"]["span_f1"] and m["dev_all"]["spans_predicted"] > 0
-    assert m["test"] > 0.4, m["test"]  # above what the head at the body's rate reached on this seed (0.336)
+    assert m["test"] > 0.3, m["test"]  # 0.386 measured; the tags' prior (no entity) scores 0
 
 
 def test_a_model_with_one_answer_for_everything_is_told_not_just_scored():
@@ -538,17 +538,31 @@ def test_a_time_budget_plans_the_epochs_that_fit_it(trec_lora, out, tmp_path):
     assert m["run"] == "trec-k3-lora16-30s-s0"
     # the first epoch takes 4-8 s here (a second or two of it Ray Data's start), so the budget, not the ceiling of
     # 16 epochs, decides. (300 examples and a ceiling of 8 once ran into the ceiling on a faster day.)
-    first = m["history"][0]["train_seconds"]
-    steady = first - m["history"][0]["first_batch_seconds"]  # the data pipeline's start is paid once
-    assert m["planned_epochs"] == max(1, min(16, 1 + int((30 - first) // steady))) == m["epochs_run"] == \
-        len(m["history"]), m
-    assert 2 <= m["planned_epochs"] < 16 and m["train_seconds"] <= 30 + first  # planned from the first epoch
+    h = m["history"]
+    first = h[0]["train_seconds"]
+    steady = first - h[0]["first_batch_seconds"]  # the data pipeline's start is paid once
+    assert h[0]["epochs"] == max(1, min(16, 1 + int((30 - first) // steady))), m  # planned from the first epoch
+    assert 2 <= m["planned_epochs"] <= h[0]["epochs"] < 16 and m["planned_epochs"] == m["epochs_run"] == len(h), m
+    # ...and shortened if later epochs ran slower (CI once overran 30 s by 5): every epoch after the first started
+    # only where the one before it said another would fit
+    for e in range(1, len(h)):
+        spent = sum(r["train_seconds"] for r in h[:e])
+        assert spent + h[e - 1]["train_seconds"] - h[e - 1]["first_batch_seconds"] <= 30, (e, h)
     # warmed up over a quarter of the planned epochs (LoRA's default), then decayed to zero at their end
     lrs = [h["learning_rate"] for h in m["history"]]
     peak = lrs.index(max(lrs))
     assert peak <= 0.25 * len(lrs) and lrs[-1] < 1e-9, lrs
     assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])), lrs
     assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
+
+
+def test_a_budget_is_planned_after_the_first_epoch_and_shortened_when_epochs_slow_down():
+    from er_ray.schedule import epochs_in_budget
+
+    assert epochs_in_budget(30, 6, 4, 16) == 7  # the first took 6 s (with the data's start), then 4 s each
+    assert epochs_in_budget(30, 22, 4, 16, done=3) == 5  # three took 22 s: two more fit
+    assert epochs_in_budget(30, 29, 4, 16, done=5) == 5 == epochs_in_budget(30, 40, 4, 16, done=5)  # none more
+    assert epochs_in_budget(300, 6, 4, 16) == 16 and epochs_in_budget(3, 6, 4, 16) == 1  # the ceiling; at least one
 
 
 def test_a_replanned_run_warms_up_over_its_own_steps_not_the_ceilings():
