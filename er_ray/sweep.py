@@ -22,7 +22,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .defaults import WARMUP, default_learning_rate
+from .defaults import default_learning_rate
 from .options import SweepOptions, TrainOptions
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
@@ -112,18 +112,17 @@ def _finished(run: str, config: dict[str, Any]) -> bool:
     had.get("train", {}).setdefault("warmup", None)  # trials from before --warmup had the default
     if had != json.loads(json.dumps(_trial_key(config))):
         return False
-    # "the default" warm-up is the adapter's, and a default can change: the run's own record decides
-    settings = storage.read_json(storage.join(run, "metrics.json")).get("settings", {})
-    ran = settings.get("warmup", WARMUP)
+    from .train import settings_changed
+
     # (a sweep saved by an older er_ray and restored by Tune has trial configs without the task's type)
     if (task_type := config.get("task_type")) is None:
         from . import tasks
 
         task_type = tasks.load_task(config["task"]).type
-    opts = _trial_options(config)
-    # the head's rate too: its default can change (runs from before it existed had the run's rate: None)
-    head = settings.get("head_learning_rate")
-    return ran == opts.warmup_share(task_type) and head == opts.head_lr(task_type)
+    # the trial key holds the options as given; "the default" warm-up or head rate can change: the run's record
+    # of what it resolved them to decides (train.finished_run's rule)
+    return settings_changed(storage.read_json(storage.join(run, "metrics.json")), _trial_options(config),
+                            task_type) == []
 
 
 def _mark_finished(run: str, config: dict[str, Any]) -> None:

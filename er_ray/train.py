@@ -384,23 +384,37 @@ def finished_run(opts: TrainOptions, name: str, task_type: str) -> dict[str, Any
     if not storage.exists(done):
         return None
     metrics = storage.read_json(done)
+    changed = settings_changed(metrics, opts, task_type)
+    if changed is None:
+        say("train", f"{name}: its finished run records no settings (an older er_ray made it): training it again")
+    elif changed:
+        say("train", f"{name}: its finished run had other settings ({', '.join(changed)}): training it again")
+    return None if changed or changed is None else metrics
+
+
+def resolved_settings(opts: TrainOptions, task_type: str) -> dict[str, Any]:
+    """What a run with `opts` on `task_type` records in its metrics.json's `settings` (defaults resolved), for the
+    check that a finished run is this run. A precision of "auto" is left out: the cluster resolved it."""
     want = {"model": opts.model, "learning_rate": opts.lr(task_type), "epochs": opts.epochs,
             "patience": opts.patience, "batch_size": opts.batch_size, "zero_stage": opts.zero_stage,
             "precision": opts.precision, "seed": opts.seed, "max_length": opts.max_length, "workers": opts.workers,
             "budget_seconds": opts.budget_seconds, "max_train_examples": opts.max_train_examples,
             "warmup": opts.warmup_share(task_type), "head_learning_rate": opts.head_lr(task_type)}
-    if opts.precision == "auto":  # resolved by the cluster the run had (fp32 on CPUs): whatever it was is "auto"
+    if opts.precision == "auto":  # (fp32 on CPUs): whatever it was is "auto"
         del want["precision"]
+    return want
+
+
+def settings_changed(metrics: dict[str, Any], opts: TrainOptions, task_type: str) -> list[str] | None:
+    """How the settings a finished run's metrics.json records differ from what `opts` resolve to on `task_type`
+    ("epochs 2 -> 3"; empty: the same run), or None if it records none. Resolved, not as given: a default rate or
+    warm-up can change between er_ray versions, and a run trained under the old one is not this run."""
     have = metrics.get("settings")
     if have is None:
-        say("train", f"{name}: its finished run records no settings (an older er_ray made it): training it again")
         return None
     # runs from before --warmup warmed up over 6% of their steps, and before --head-learning-rate had one rate
     have = {"warmup": WARMUP, "head_learning_rate": None, **have}
-    if changed := [f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v]:
-        say("train", f"{name}: its finished run had other settings ({', '.join(changed)}): training it again")
-        return None
-    return metrics
+    return [f"{k} {have.get(k)} -> {v}" for k, v in resolved_settings(opts, task_type).items() if have.get(k) != v]
 
 
 def run_all(runs: list[tuple[TrainOptions, str]], output: str | Path, max_concurrent: int | None = None,

@@ -335,29 +335,37 @@ def test_a_trial_saved_before_trials_knew_their_task_type_is_still_found_finishe
     import json
 
     from er_ray.options import TrainOptions
-    from er_ray.sweep import _finished, _mark_finished
+    from er_ray.sweep import _finished, _mark_finished, _trial_options
+    from er_ray.train import resolved_settings
+
+    def ran(config, task_type, **changed):  # what the trial's run recorded when it finished
+        settings = dict(resolved_settings(_trial_options(config), task_type), **changed)
+        (run / "metrics.json").write_text(json.dumps({"settings": settings}))
 
     train = dataclasses.asdict(TrainOptions(task=["trec"], output=str(tmp_path)))
     config = {"task": "trec", "point": {"cut_layer": 3, "adapter": "lora", "adapter_size": 16,
                                         "learning_rate": 3e-3}, "train": train, "cache": str(tmp_path / "c")}
     run = tmp_path / "runs" / "trec-k3-lora16-lr0.003-s0"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.25}}))
+    ran(config, "classification")
     _mark_finished(str(run), config)
     assert _finished(str(run), config)  # the old config: its type read from the task
     assert _finished(str(run), dict(config, task_type="classification"))
     assert not _finished(str(run), dict(config, task_type="token_classification"))  # a tagger's default is 6%
+    ran(config, "classification", epochs=7)  # what the trial key cannot tell: the run's own record decides
+    assert not _finished(str(run), config)
     # a tagger's `full` trial from before its head had its own default rate (1e-2) is trained again
     point = {"cut_layer": 3, "adapter": "full", "adapter_size": None, "learning_rate": 1e-3}
     tagger = {"task": "wnut16", "point": point, "train": train, "cache": str(tmp_path / "c"),
               "task_type": "token_classification"}
     run = tmp_path / "runs" / "wnut16-k3-full-s0"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.06, "head_learning_rate": None}}))
+    ran(tagger, "token_classification", head_learning_rate=None)
     _mark_finished(str(run), tagger)
     assert not _finished(str(run), tagger)
-    (run / "metrics.json").write_text(json.dumps({"settings": {"warmup": 0.06, "head_learning_rate": 1e-2}}))
-    assert _finished(str(run), tagger)
+    ran(tagger, "token_classification")
+    assert _finished(str(run), tagger) and resolved_settings(_trial_options(tagger), "token_classification")[
+        "head_learning_rate"] == 1e-2
 
 
 def test_the_console_says_what_a_defaulted_run_trains_and_why():
