@@ -119,9 +119,8 @@ class VariantOptions:
     """LoRA rank or bottleneck width"""
     learning_rate: float | None = None
     """peak learning rate, reached after the --warmup share of the steps and decayed linearly to 0 (default:
-    lora 3e-3, bottleneck 1e-3, full 3e-4 and fine-tuning 1e-4; for token classification: lora 1e-3 and full 1e-4;
-    for question answering: full 3e-4 and fine-tuning 3e-4; chosen on grids over the built-in tasks,
-    BENCHMARKS.md)"""
+    lora 3e-3, bottleneck 1e-3, full 3e-4 and fine-tuning 1e-4, question answering too; for token classification:
+    lora 1e-3 and full 1e-4; chosen on grids over the built-in tasks and both packaged models, BENCHMARKS.md)"""
     head_learning_rate: float | None = None
     """peak learning rate of the task head alone, which starts from random weights (default: --learning-rate;
     for token classification with full and fine-tuning: 1e-2); same warm-up and decay"""

@@ -271,7 +271,7 @@ def test_question_answering_has_its_own_defaults_a_lower_cut_and_higher_full_rat
     assert {p["learning_rate"] for p in points if p["adapter"] == "full"} == {3e-4}
     assert {p["learning_rate"] for p in points if p["adapter"] == "lora"} == {default_learning_rate("lora", "")}
     finetune = TrainOptions(task=["squad"], full_finetune=True)
-    assert finetune.lr("question_answering") == 3e-4 and finetune.lr("classification") == 1e-4
+    assert finetune.lr("question_answering") == 1e-4 == finetune.lr("classification")  # 3e-4: mpnet learns nothing
     assert finetune_lr_grid("question_answering") == [1e-4, 3e-4] and finetune_lr_grid("classification") == \
         list(FINETUNE_LR_GRID[None]) == [3e-5, 1e-4, 3e-4]
 
