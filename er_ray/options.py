@@ -308,7 +308,8 @@ class SweepOptions:
     adapter_size: list[int] = field(default_factory=lambda: [8, 32])
     """adapter sizes to try (LoRA rank, bottleneck width; ignored by full)"""
     learning_rate: list[float] = field(default_factory=list)
-    """learning rates to try (default: one per adapter kind, as `er-ray train` uses)"""
+    """learning rates to try (default: each adapter kind's, as `er-ray train` uses; for token classification's
+    full both 1e-4 and 3e-4: the better one depends on the model)"""
     caches: str | None = None
     """where the caches live (default: the sweep's folder); point train runs and sweeps at one place to share"""
     max_concurrent_trials: int | None = None

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import storage
 from .console import fmt_score, fmt_seconds, say, verbose
-from .defaults import default_learning_rate
+from .defaults import sweep_learning_rates
 from .options import SweepOptions, TrainOptions
 
 SWEEP_COLUMNS = ["trial", "task", "model", "metric", "cut_layer", "adapter", "adapter_size", "learning_rate",
@@ -40,7 +40,7 @@ def default_cut_layers(num_layers: int, task_types=()) -> list[int]:
 
 def grid(opts: SweepOptions, num_layers: int, task_type: str) -> list[dict[str, Any]]:
     """Every trial's point on a task of this type: (cut layer, adapter, size, learning rate), without duplicates
-    (full has no size). Without --learning-rate, each adapter kind's default for the task type."""
+    (full has no size). Without --learning-rate, each adapter kind's rates for the task type (defaults.py)."""
     from .encoders import check_cut_layer
 
     layers = opts.cut_layer or ([opts.train.cut_layer] if opts.train.cut_layer is not None else
@@ -51,7 +51,7 @@ def grid(opts: SweepOptions, num_layers: int, task_type: str) -> list[dict[str, 
     for k in sorted(set(layers)):
         for adapter in dict.fromkeys(opts.adapter):
             for size in ([None] if adapter == "full" else sorted(set(opts.adapter_size))):
-                for lr in (opts.learning_rate or [default_learning_rate(adapter, task_type)]):
+                for lr in (opts.learning_rate or sweep_learning_rates(adapter, task_type)):
                     points.append({"cut_layer": k, "adapter": adapter, "adapter_size": size, "learning_rate": lr})
     return points
 
