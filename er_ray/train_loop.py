@@ -439,10 +439,10 @@ def train_loop(config: dict) -> None:
     first = state.epochs_done
     for epoch in range(first, cfg.epochs if not state.stopped else 0):
         row = worker.train_epoch(epoch)
-        if cfg.budget_seconds:  # planned after the first epoch, shortened if later ones run slower (a busy machine)
+        if cfg.budget_seconds:  # planned after the first epoch (its data wait once), shortened if later ones slow
             spent = row["train_seconds"] + sum(h["train_seconds"] for h in state.history)
-            fit = epochs_in_budget(cfg.budget_seconds, worker.slowest(spent), worker.slowest(
-                row["train_seconds"] - row["first_batch_seconds"]), cfg.epochs, done=epoch + 1)
+            steady = worker.slowest(row["train_seconds"] - (row["first_batch_seconds"] if epoch == 0 else 0.0))
+            fit = epochs_in_budget(cfg.budget_seconds, worker.slowest(spent), steady, cfg.epochs, epoch + 1)
             if fit < (state.planned_epochs or cfg.epochs + 1):  # the decay then reaches zero at the new end
                 state.planned_epochs = fit
                 worker.plan_epochs(fit)
