@@ -317,14 +317,17 @@ def verify(root: str | Path) -> list[str]:
             if storage.sha256(f) != s["sha256"]:
                 problems.append(f"{f}: checksum mismatch (sha256 differs from the manifest)")
                 continue
+            # A QA shard is planned, and named, by its questions; its rows are their windows (`<question id>#<w>`).
+            key = "question_id" if m.question_answering else "id"
             try:
-                ids = storage.read_parquet(f, ["id"]).column("id").to_pylist()
+                t = storage.read_parquet(f, list(dict.fromkeys(["id", key])))
             except Exception as e:
                 problems.append(f"{f}: unreadable ({e})")
                 continue
+            ids, docs = t.column("id").to_pylist(), list(dict.fromkeys(t.column(key).to_pylist()))
             if len(ids) != s["rows"]:
                 problems.append(f"{f}: {len(ids)} rows, manifest says {s['rows']}")
-            if shard_name(ids + [x["id"] for x in s.get("skipped", [])]) != s["file"]:
+            if shard_name(docs + [x["id"] for x in s.get("skipped", [])]) != s["file"]:
                 problems.append(f"{f}: its ids do not match its name")
             for i in ids:
                 if i in seen:

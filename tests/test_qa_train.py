@@ -3,12 +3,13 @@ a cache of windows, a recycled model trained on it, scored with the official EM 
 from the cache and from raw text."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from er_ray import predict, qa, tasks
+from er_ray import cache, predict, qa, tasks
 from er_ray.cache import open_cache
 from er_ray.options import TrainOptions
 from er_ray.train import train
@@ -40,7 +41,7 @@ def trained(ray_local, squad_small, tmp_path_factory):
     return m, out
 
 
-def test_the_cache_holds_a_row_per_window(trained, squad_small):
+def test_the_cache_holds_a_row_per_window(trained, squad_small, tmp_path):
     _, out = trained
     (root,) = (out / "caches").glob("squad_small-*")
     c = open_cache(root, 3)
@@ -52,6 +53,12 @@ def test_the_cache_holds_a_row_per_window(trained, squad_small):
     row = t.slice(0, 1).to_pylist()[0]
     assert row["id"].startswith(row["question_id"] + "#") and len(row["offset_start"]) == row["length"]
     assert row["offset_start"][0] == -1  # [CLS] is not context
+    # `er-ray cache verify` passes it: a QA shard is named by its questions, not its windows (it said BAD once)
+    assert cache.verify(root) == []
+    copy = shutil.copytree(root, tmp_path / "copy")  # the later tests read this cache: spoil a copy
+    shard = next((copy / "layer=3").glob("part-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    assert cache.verify(copy) == [f"{shard}: checksum mismatch (sha256 differs from the manifest)"]
 
 
 def test_a_recycled_model_learns_to_answer(trained):
