@@ -115,6 +115,12 @@ class Manifest:
         return sum(s["rows"] for s in self.shards)
 
     @property
+    def document_column(self) -> str:
+        """The column naming a row's document: shards are planned, named and checked by it. For question
+        answering a row is a window (`<question id>#<w>`) and its document the question."""
+        return "question_id" if self.question_answering else "id"
+
+    @property
     def real_tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards)
 
@@ -219,7 +225,7 @@ class Cache:
 
     def ids(self, documents: bool = False) -> list[str]:
         """Its rows' ids; with `documents`, the documents' (for question answering, its questions, not windows)."""
-        col = "question_id" if documents and self.manifest.question_answering else "id"
+        col = self.manifest.document_column if documents else "id"
         return list(dict.fromkeys(self.read(columns=[col]).column(col).to_pylist())) if self.files else []
 
     def row_columns(self, task_type: str | None = None) -> list[str]:
@@ -317,8 +323,7 @@ def verify(root: str | Path) -> list[str]:
             if storage.sha256(f) != s["sha256"]:
                 problems.append(f"{f}: checksum mismatch (sha256 differs from the manifest)")
                 continue
-            # A QA shard is planned, and named, by its questions; its rows are their windows (`<question id>#<w>`).
-            key = "question_id" if m.question_answering else "id"
+            key = m.document_column  # a QA shard is named by its questions, not its rows (their windows)
             try:
                 t = storage.read_parquet(f, list(dict.fromkeys(["id", key])))
             except Exception as e:

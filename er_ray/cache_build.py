@@ -165,7 +165,7 @@ def qa_stride(question_answering: bool, max_length: int) -> int | None:
 
 def shard_ids(d: str, m: Manifest) -> dict[str, list[str]]:
     """Each committed shard's document ids (for question answering: its questions, not its windows)."""
-    col = "question_id" if m.question_answering else "id"
+    col = m.document_column
     return {s["file"]: list(dict.fromkeys(storage.read_parquet(storage.join(d, s["file"]), [col]).column(col)
                                           .to_pylist())) for s in m.shards}
 
