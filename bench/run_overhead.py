@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 ER_RAY = str(Path(sys.executable).with_name("er-ray"))
-MARKS = [("start", "[er_ray cache]"), ("data", "[er_ray train] trec-k3-lora16-s0: train"),
+# the run line ("<run>: train N, dev N, test N examples; ...") whatever the defaults name the run
+MARKS = [("start", "[er_ray cache]"), ("data", "examples; "),
          ("fit", "epoch 1/1"), ("finish", "per epoch ->")]
 
 
