@@ -12,7 +12,8 @@ input over the limit, or a cluster).
     .venv/bin/python bench/predict_many.py --task /tmp/e2e/clothing_recommended_5000.yaml --ways here,ray
 
 The N runs (every option at its default: k = L/2 and, since d73bdde, the whole upper layers; LoRA 16 before;
-seeds 0..N-1) and the fine-tuning run are trained once, small (their accuracy is not measured here); the corpus is the task's whole document set (TREC: 5,452 questions).
+seeds 0..N-1) and the fine-tuning run are trained once, small (their accuracy is not measured here); the corpus
+is the task's whole document set (TREC: 5,452 questions).
 """
 
 import argparse
