@@ -20,11 +20,12 @@ OPTS = dict(max_length=128, epochs=2, batch_size=16, cut_layer=3, adapter="lora"
 
 @pytest.fixture(scope="module")
 def squad_small(tmp_path_factory):
-    """A SQuAD task of one's own: the first 500 training questions and 50 questions each of the dev and test
-    articles (whole questions, untouched)."""
+    """A SQuAD task of one's own: the first 300 training questions and 50 questions each of the dev and test
+    articles (whole questions, untouched). (300, not 500: the fixture's cost is its training; 300 took 171 s and
+    test F1 0.29 here, 500 took 229 s.)"""
     d = tmp_path_factory.mktemp("squad_small")
     squad = tasks.load_task("squad")
-    parts = [squad.splits["train"].slice(0, 500), squad.splits["dev"].slice(0, 50),
+    parts = [squad.splits["train"].slice(0, 300), squad.splits["dev"].slice(0, 50),
              squad.splits["test"].slice(0, 50)]
     table = pa.concat_tables([p.append_column("split", pa.array([s] * p.num_rows)) for p, s in
                               zip(parts, ("train", "dev", "test"))])
@@ -49,7 +50,7 @@ def test_the_cache_holds_a_row_per_window(trained, squad_small, tmp_path):
     assert json.loads((root / "layer=3" / "manifest.json").read_text())["format_version"] == 2
     t = c.read(["id", "question_id", "length", "offset_start", "offset_end"])
     questions = set(t.column("question_id").to_pylist())
-    assert len(questions) == 600 < t.num_rows  # every question, and more windows than questions
+    assert len(questions) == 400 < t.num_rows  # every question, and more windows than questions
     row = t.slice(0, 1).to_pylist()[0]
     assert row["id"].startswith(row["question_id"] + "#") and len(row["offset_start"]) == row["length"]
     assert row["offset_start"][0] == -1  # [CLS] is not context
@@ -71,7 +72,8 @@ def test_a_recycled_model_learns_to_answer(trained):
     assert lrs[0] > 1e-4 and lrs[-1] < 1e-9, lrs
     assert m["history"][0]["dev_score"] != m["history"][1]["dev_score"], m["history"]
     # An untrained head answers with a near-random span: F1 of a few percent. Measured with 1,000 questions: test
-    # F1 0.52 (EM 0.41), and 0.34 while the schedule was cut short; see BENCHMARKS.md for the figures over k.
+    # F1 0.52 (EM 0.41), and 0.34 while the schedule was cut short; with this fixture's 300, 0.29. See
+    # BENCHMARKS.md for the figures over k.
     assert m["test"] > 0.2, m
 
 
