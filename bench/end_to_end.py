@@ -5,8 +5,8 @@ side by side, rounds alternated (this machine is noisy: compare ratios within a 
     .venv/bin/python bench/end_to_end.py --task /tmp/e2e/clothing_recommended_5000.yaml --rounds 3 \\
         --code new=. --code old=/tmp/wt_old --out bench/results/end_to_end.json
     # question answering at two cuts against fine-tuning, at the study's window length:
-    .venv/bin/python bench/end_to_end.py --task /tmp/squad_sub/squad_1200.yaml --rounds 1 --epochs 1 \
-        --max-train-examples 800 --args="--max-length 128" --train k1="--cut-layer 1" --train k3="--cut-layer 3" \
+    .venv/bin/python bench/end_to_end.py --task /tmp/squad_sub/squad_1200.yaml --rounds 1 --epochs 1 \\
+        --max-train-examples 800 --args="--max-length 128" --train k1="--cut-layer 1" --train k3="--cut-layer 3" \\
         --out bench/results/end_to_end_squad1200.json
 
 Each round runs, for every `--code` checkout (LABEL=PATH: the er_ray on PYTHONPATH, e.g. a worktree of an older
