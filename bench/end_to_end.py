@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--train", action="append", default=None, metavar='LABEL="OPTIONS"',
                     help="an `er-ray train` arm with its own options (repeatable; default: one arm, train=\"\")")
     args = ap.parse_args()
+    for flag, given in (("--train", args.train), ("--code", args.code)):
+        if bad := [g for g in given or [] if "=" not in g]:
+            ap.error(f"{flag} takes LABEL=VALUE, got {bad[0]!r}")
     arms = dict(a.split("=", 1) for a in (args.train or ["train="]))
     codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
     work = Path(args.work)
