@@ -248,7 +248,8 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     if isinstance(labelled, pa.Table):  # cut on the driver: counted there too
         tables = {split: _select_split(labelled, split) for split in labels}
         # from_blocks computes each block's metadata here; from_arrow asks a Ray task per table for it, ~1 s each on
-        # a fresh local Ray (its worker processes start cold): 2.4 s of every small run's `data` phase.
+        # a fresh local Ray (its worker processes start cold): 2-2.4 s of a small run's `data` phase, less net (the
+        # tasks had also warmed processes Ray Train takes later; BENCHMARKS.md, "The labelled rows as Ray Data blocks").
         out = {split: ray.data.from_blocks([t]) for split, t in tables.items()}
     if any(_documents_in(tables.get(split, out[split]), qa) < len(lab) for split, lab in labels.items()):
         # only a cache can lack documents; name them (reading all its ids is fine on this error path)
