@@ -246,7 +246,8 @@ class PoolOptions:
     """Ray Data actors (default: one per GPU; one on a CPU-only cluster). predict over an input under
     ER_RAY_DRIVER_READ_BYTES (1 GiB) on one machine runs on its own process instead, unless this is given"""
     batch_size: int = 64
-    """documents per forward pass (bucketed by length)"""
+    """documents per forward pass at most (bucketed by length; on CPU fewer where they are long, so that a layer's
+    widest activation stays under glibc's 32 MiB mmap ceiling: batches over it page-fault their memory afresh)"""
 
     def __post_init__(self):
         _at_least(self, 1, "workers", "batch_size")

@@ -65,6 +65,7 @@ class Predictor:
                  cache_dtype: str | None = None):
         import torch
 
+        from .batching import activation_bytes
         from .encoders import LowerEncoder
 
         if threads:
@@ -80,6 +81,7 @@ class Predictor:
         self.lower = None if whole or source == "cache" else \
             LowerEncoder(self.enc.model, self.info["spec"]["cut_layer"]).to(self.device).eval()
         self.source, self.batch_size, self.cache_dtype = source, batch_size, cache_dtype
+        self.batch_bytes = activation_bytes(self.enc.model, self.device)
         self.token = self.info["spec"]["task_type"] == "token_classification"
         self.qa = self.info["spec"]["task_type"] == "question_answering"
 
@@ -126,7 +128,7 @@ class Predictor:
         labels: list[list[Any]] = [[None] * n for _ in self.models]
         scores: list[list[Any]] = [[None] * n for _ in self.models]
         with torch.inference_mode():
-            for g in length_batches([len(r) for r in rows], self.batch_size):
+            for g in length_batches([len(r) for r in rows], self.batch_size, self.batch_bytes):
                 x, mask = pad_rows([rows[i] for i in g], pad)
                 x, mask = torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device)
                 h = self.lower(x, mask) if self.lower is not None else x

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .batching import length_batches, pad_rows
+from .batching import activation_bytes, length_batches, pad_rows
 from .cache import CacheError, CacheMismatch, layer_dir
 from .codec import decode_rows, encode_hidden, quantize, to_arrow
 from .corpus import DataError, bad_text, doc_sha256, read_rows
@@ -122,6 +122,7 @@ class ShardEncoder:
                                 f"the driver expected {key['weights_sha256']}")
         self.enc.model.to(self.device)
         self.root, self.cut_layers, self.dtype, self.batch_size = root, cut_layers, dtype, batch_size
+        self.batch_bytes = activation_bytes(self.enc.model, self.device)
         self.compression = compression
         self.from_layer = from_layer
         if from_layer is None:
@@ -182,7 +183,7 @@ class ShardEncoder:
         so a resumed build writes bit-identical shards."""
         import torch
 
-        groups = length_batches([len(x) for x in inputs], self.batch_size)
+        groups = length_batches([len(x) for x in inputs], self.batch_size, self.batch_bytes)
         parts: dict[int, list[dict[str, np.ndarray]]] = {k: [] for k in self.cut_layers}
         with torch.inference_mode():
             for rows in groups:

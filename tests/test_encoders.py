@@ -173,3 +173,38 @@ def test_adapters_go_on_the_upper_layers_only(name):
     with torch.no_grad():
         out, _ = bottleneck.upper.run_layers(h_k, mask)
         assert (out - ref)[mask.bool()].abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name,impl", CASES, ids=[f"{n}-{i}" for n, i in CASES])
+def test_inference_batches_cut_under_the_mmap_ceiling_give_each_row_what_it_gets_alone(name, impl):
+    """On CPU, predict and the cache build end a batch before a layer's widest activation passes glibc's mmap
+    ceiling (er_ray.batching). With a small limit standing in for 32 MiB: every row once, in length order, no
+    batch over the limit or the row cap unless it holds one row, and each row's states what it gets in a batch
+    of its own (the cut changes the time, never the result)."""
+    from er_ray.batching import activation_bytes, length_batches, pad_rows
+
+    model = tiny_model(name, impl)
+    g = torch.Generator().manual_seed(1)
+    lengths = [int(n) for n in torch.randint(2, 40, (23,), generator=g)] + [60]
+    rows = [torch.randint(3, 100, (n,), generator=g).numpy() for n in lengths]
+    width = activation_bytes(model, "cpu")
+    assert activation_bytes(model, "cuda") is None  # PyTorch's caching allocator: no cap
+    ffn = model.config.intermediate_size if name != "distilbert" else model.config.hidden_dim
+    assert width(2, 10) == 2 * 10 * max(ffn, 4 * 10 if impl == "eager" else 0) * 4
+    limit = width(3, 39)
+    groups = length_batches(lengths, 5, width, limit=limit)
+    assert sorted(i for b in groups for i in b) == list(range(len(rows)))
+    order = [i for b in groups for i in b]
+    assert [lengths[i] for i in order] == sorted(lengths)
+    assert all(len(b) <= 5 and (len(b) == 1 or width(len(b), lengths[b[-1]]) <= limit) for b in groups)
+    assert len(groups) > len(length_batches(lengths, 5)) and [len(groups[-1])] == [1]  # the 60 alone
+    lower, upper = encoders.split(model, 2)
+    pad = model.config.pad_token_id or 0
+    with torch.no_grad():
+        for b in groups:
+            x, mask = (torch.from_numpy(a) for a in pad_rows([rows[i] for i in b], pad))
+            out = upper(lower(x, mask), mask).last_hidden_state
+            for j, i in enumerate(b):
+                one = torch.from_numpy(rows[i])[None]
+                alone = upper(lower(one, torch.ones_like(one)), torch.ones_like(one)).last_hidden_state[0]
+                assert (out[j, :lengths[i]] - alone).abs().max().item() <= TOL, (name, i)
