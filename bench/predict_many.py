@@ -10,6 +10,10 @@ input over the limit, or a cluster).
 
     .venv/bin/python bench/predict_many.py --task trec --runs 3 --rounds 2
     .venv/bin/python bench/predict_many.py --task /tmp/e2e/clothing_recommended_5000.yaml --ways here,ray
+    .venv/bin/python bench/predict_many.py ... --code new=. --code old=/tmp/wt_old   # two checkouts, alternated
+
+With `--code LABEL=PATH` (repeatable; the er_ray on PYTHONPATH, e.g. a worktree of an older commit) every arm runs
+once per checkout, back to back; the runs and the cache are this checkout's, trained once.
 
 The N runs (every option at its default: k = L/2 and, since d73bdde, the whole upper layers; LoRA 16 before;
 seeds 0..N-1) and the fine-tuning run are trained once, small (their accuracy is not measured here); the corpus
@@ -48,9 +52,12 @@ def train_runs(work: Path, task: str, n: int, max_length: int | None) -> tuple[l
     return [str(work / "runs" / r) for r in names[:n]], str(work / "runs" / names[n]), cache
 
 
-def timed(args: list[str], way: str) -> float:
-    """One whole `er-ray predict` command's wall time; `way`: "here" (its own process) or "ray" (Ray Data)."""
+def timed(args: list[str], way: str, code: str | None = None) -> float:
+    """One whole `er-ray predict` command's wall time; `way`: "here" (its own process) or "ray" (Ray Data);
+    `code`: the er_ray checkout to run (None: this one)."""
     env = {**os.environ, "RAY_ADDRESS": ""}
+    if code:
+        env["PYTHONPATH"] = str(Path(code).resolve())
     if way == "ray":
         env["ER_RAY_DRIVER_READ_BYTES"] = "0"
     else:
@@ -74,39 +81,47 @@ def main() -> None:
     ap.add_argument("--ways", default="ray", help="here, ray, or both (here,ray): see above")
     ap.add_argument("--arms", default=None, help="some of the arms, comma-separated (default: all six; a ratio is "
                                                  "reported where both its arms ran)")
+    ap.add_argument("--code", action="append", default=None, help="LABEL=PATH of an er_ray checkout (repeatable)")
     ap.add_argument("--work", default="/tmp/er_ray_predict_many")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "predict_many_minilm.json"))
     args = ap.parse_args()
     work = Path(args.work)
     runs, finetune, cache = train_runs(work, args.task, args.runs, args.max_length)
     ways = args.ways.split(",")
+    if any("=" not in c for c in args.code or []):
+        ap.error("--code takes LABEL=PATH")
+    codes: dict[str, str | None] = dict(c.split("=", 1) for c in args.code) if args.code else {"": None}
 
-    def arms(way: str, preds: Path) -> dict:
+    def arms(way: str, preds: Path, code: str | None = None) -> dict:
         t = args.task
+
+        def run(a: list[str]) -> float:
+            return timed(a, way, code)
+
         return {
-            "separate_cache": lambda: sum(timed(["--run", r, "--corpus", t, "--cache", cache, "--output",
-                                                 str(preds / "sep_cache" / Path(r).name)], way) for r in runs),
-            "one_pass_cache": lambda: timed([*sum((["--run", r] for r in runs), []), "--corpus", t, "--cache", cache,
-                                             "--output", str(preds / "one_cache")], way),
-            "separate_text": lambda: sum(timed(["--run", r, "--corpus", t, "--output",
-                                                str(preds / "sep_text" / Path(r).name)], way) for r in runs),
-            "one_pass_text": lambda: timed([*sum((["--run", r] for r in runs), []), "--corpus", t,
-                                            "--output", str(preds / "one_text")], way),
-            "finetune_text": lambda: timed(["--run", finetune, "--corpus", t, "--output",
-                                            str(preds / "finetune_text")], way),
-            "recycled_cache": lambda: timed(["--run", runs[0], "--corpus", t, "--cache", cache, "--output",
-                                             str(preds / "recycled_cache")], way),
+            "separate_cache": lambda: sum(run(["--run", r, "--corpus", t, "--cache", cache, "--output",
+                                               str(preds / "sep_cache" / Path(r).name)]) for r in runs),
+            "one_pass_cache": lambda: run([*sum((["--run", r] for r in runs), []), "--corpus", t, "--cache", cache,
+                                           "--output", str(preds / "one_cache")]),
+            "separate_text": lambda: sum(run(["--run", r, "--corpus", t, "--output",
+                                              str(preds / "sep_text" / Path(r).name)]) for r in runs),
+            "one_pass_text": lambda: run([*sum((["--run", r] for r in runs), []), "--corpus", t,
+                                          "--output", str(preds / "one_text")]),
+            "finetune_text": lambda: run(["--run", finetune, "--corpus", t, "--output", str(preds / "finetune_text")]),
+            "recycled_cache": lambda: run(["--run", runs[0], "--corpus", t, "--cache", cache, "--output",
+                                           str(preds / "recycled_cache")]),
         }
 
     results: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for arm in (args.arms.split(",") if args.arms else arms("", Path())):
-            for way in ways:  # the ways of one arm back to back: side by side in the machine's drift
-                preds = work / "preds" / way
+            for way, (label, code) in ((w, c) for w in ways for c in codes.items()):
+                # the ways and checkouts of one arm back to back: side by side in the machine's drift
+                preds = work / "preds" / way / label
                 if arm == "separate_cache":
                     shutil.rmtree(preds, ignore_errors=True)
-                key = arm if ways == ["ray"] else f"{arm}_{way}"  # as the first figures were named
-                results.setdefault(key, []).append(arms(way, preds)[arm]())
+                key = (arm if ways == ["ray"] else f"{arm}_{way}") + (f"_{label}" if label else "")  # as first named
+                results.setdefault(key, []).append(arms(way, preds, code)[arm]())
                 print(f"round {r + 1}, {key}: {results[key][-1]} s", flush=True)
                 if arm.startswith("one_pass"):  # the one pass gives each run's own predictions
                     kind = arm.split("_")[-1]
@@ -120,19 +135,30 @@ def main() -> None:
                 a = pq.read_table(f).sort_by("id")
                 b = pq.read_table(work / "preds" / ways[1] / f.relative_to(work / "preds" / ways[0])).sort_by("id")
                 assert a.column("label").to_pylist() == b.column("label").to_pylist(), f
+    agreement = {}  # checkouts may batch differently: the share of labels each gives as the first one did
+    if len(codes) > 1:
+        first, *others = codes
+        for way in ways:
+            for f in (work / "preds" / way / first).rglob("predictions.parquet"):
+                a = pq.read_table(f).sort_by("id").column("label").to_pylist()
+                for other in others:
+                    b = pq.read_table(work / "preds" / way / other / f.relative_to(work / "preds" / way / first))
+                    same = sum(x == y for x, y in zip(a, b.sort_by("id").column("label").to_pylist()))
+                    agreement[f"{other} vs {first}: {f.parent.name}_{way}"] = round(same / len(a), 5)
     mean = {a: sum(v) / len(v) for a, v in results.items()}
     summary = {}
-    for way in ways:
-        sfx = "" if ways == ["ray"] else f"_{way}"
+    for way, label in ((w, c) for w in ways for c in codes):
+        sfx = ("" if ways == ["ray"] else f"_{way}") + (f"_{label}" if label else "")
         for name, a, b in (("one_pass_over_separate_cache", "one_pass_cache", "separate_cache"),
                            ("one_pass_over_separate_text", "one_pass_text", "separate_text"),
                            ("finetune_text_over_recycled_cache", "finetune_text", "recycled_cache")):
             if a + sfx in mean and b + sfx in mean:
                 summary[name + sfx] = round(mean[a + sfx] / mean[b + sfx], 3)
     out = {"task": args.task, "runs": args.runs, "rounds": args.rounds, "max_length": args.max_length,
-           "ways": ways, "wall_seconds": results, "mean": mean, "summary": summary}
+           "ways": ways, "codes": codes, "wall_seconds": results, "mean": mean, "summary": summary,
+           "label_agreement": agreement}
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({**summary, **agreement}, indent=1))
 
 
 if __name__ == "__main__":
