@@ -16,7 +16,7 @@ import numpy as np
 # never above 32 MiB on 64-bit Linux) with a fresh mmap and unmaps it on free; the kernel then zero-fills it page
 # by page on first touch, every batch again. An inference batch of 64 reviews of 128 tokens has 50 MB feed-forward
 # states in MiniLM: on CPU, inference batches are cut so a layer's widest activation stays under the ceiling
-# (`er-ray predict` over 5,000 reviews: page faults /5, system time /2; BENCHMARKS.md). PyTorch's caching
+# (`er-ray predict` over 5,000 reviews: page faults /4, system time /2 to /4; BENCHMARKS.md). PyTorch's caching
 # allocator serves GPU memory: no cap there. Training batches are a hyperparameter and are never cut.
 MMAP_CEILING = 32 * 2**20
 
