@@ -144,7 +144,8 @@ def main() -> None:
                 for other in others:
                     b = pq.read_table(work / "preds" / way / other / f.relative_to(work / "preds" / way / first))
                     same = sum(x == y for x, y in zip(a, b.sort_by("id").column("label").to_pylist()))
-                    agreement[f"{other} vs {first}: {f.parent.name}_{way}"] = round(same / len(a), 5)
+                    where = f.parent.relative_to(work / "preds" / way / first)  # e.g. one_cache/<run>
+                    agreement[f"{other} vs {first}: {where}_{way}"] = round(same / len(a), 5)
     mean = {a: sum(v) / len(v) for a, v in results.items()}
     summary = {}
     for way, label in ((w, c) for w in ways for c in codes):
