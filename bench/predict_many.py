@@ -85,11 +85,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/er_ray_predict_many")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "predict_many_minilm.json"))
     args = ap.parse_args()
+    if any("=" not in c for c in args.code or []):
+        ap.error("--code takes LABEL=PATH")
     work = Path(args.work)
     runs, finetune, cache = train_runs(work, args.task, args.runs, args.max_length)
     ways = args.ways.split(",")
-    if any("=" not in c for c in args.code or []):
-        ap.error("--code takes LABEL=PATH")
     codes: dict[str, str | None] = dict(c.split("=", 1) for c in args.code) if args.code else {"": None}
 
     def arms(way: str, preds: Path, code: str | None = None) -> dict:
