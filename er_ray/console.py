@@ -124,7 +124,16 @@ def exit_code_of_interrupt() -> int:
 
 
 def say(stage: str, msg: str) -> None:
-    print(f"[er_ray {stage}] {msg}", file=sys.stderr, flush=True)
+    line(f"[er_ray {stage}] {msg}")
+
+
+def line(text: str) -> None:
+    """One line on stderr, in one write. Trap: print() writes a line's text and its newline apart, and under
+    PYTHONUNBUFFERED=1 (containers, Ray's own workers) each is its own write to the descriptor, so lines from
+    several threads (a run's, the epoch relay's, the main thread's "interrupted") came out glued together:
+    "...BENCHMARKS.md)[er_ray train] interrupted: ..." in a suite run."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def fmt_score(x) -> str:

@@ -167,6 +167,34 @@ def test_rays_advice_on_er_rays_own_calls_stays_off_the_console_unless_verbose()
         assert ("performance bottleneck" in out.stderr) == (mode == "verbose"), (mode, out.stderr)
 
 
+THREADS_TALKING = """
+import sys, threading
+from er_ray import console
+sys.setswitchinterval(1e-6)  # a thread switch at (nearly) every chance
+def talk(n):
+    for i in range(2000):
+        console.say("train", f"run {n}: line {i} " + "x" * 200)
+threads = [threading.Thread(target=talk, args=(n,)) for n in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_lines_from_several_threads_come_out_whole():
+    """A suite run's SIGTERM test read "...BENCHMARKS.md)[er_ray train] interrupted: ...": print() wrote a run
+    thread's line and its newline apart, and the main thread's line went out between them. Under
+    PYTHONUNBUFFERED=1 (containers, CI, Ray's workers) each is a write of its own; with print() this script
+    glued ~5% of its lines."""
+    out = subprocess.run([sys.executable, "-c", THREADS_TALKING], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 6000 and all(re.fullmatch(r"\[er_ray train\] run \d: line \d+ x{200}", ln) for ln in lines), \
+        [ln for ln in lines if not re.fullmatch(r"\[er_ray train\] run \d: line \d+ x{200}", ln)][:3]
+
+
 def test_bad_options_are_errors_not_tracebacks():
     out = run("demo", "--cut-layer", "9")
     assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 0..5 to cut at" in out.stderr
