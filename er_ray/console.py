@@ -129,7 +129,7 @@ def say(stage: str, msg: str) -> None:
 
 def line(text: str) -> None:
     """One line on stderr, in one write. Trap: print() writes a line's text and its newline apart, and under
-    PYTHONUNBUFFERED=1 (containers, Ray's own workers) each is its own write to the descriptor, so lines from
+    PYTHONUNBUFFERED=1 (common in containers and CI) each is its own write to the descriptor, so lines from
     several threads (a run's, the epoch relay's, the main thread's "interrupted") came out glued together:
     "...BENCHMARKS.md)[er_ray train] interrupted: ..." in a suite run."""
     sys.stderr.write(text + "\n")
