@@ -342,12 +342,12 @@ def write_parquet_streams(locations: list, tables, **options) -> list[int]:
             for group in tables:
                 for i, t in enumerate(group):
                     if writers[i] is None:
-                        writers[i] = pq.ParquetWriter(streams[i], t.schema, **options)
+                        # on the stack: closed before its stream (last in, first out), after an error or Ctrl-C
+                        # too. Trap: a writer left open met its closed stream in __del__, and an interrupted
+                        # `er-ray predict` printed "Exception ignored ... Invalid operation on closed file".
+                        writers[i] = stack.enter_context(pq.ParquetWriter(streams[i], t.schema, **options))
                     writers[i].write_table(t.cast(writers[i].schema))
                     rows[i] += t.num_rows
-            for w in writers:
-                if w is not None:
-                    w.close()
         for (fs, path, tmp), w in zip(targets, writers):
             if w is None:
                 fs.delete_file(tmp)

@@ -1,6 +1,7 @@
 """Caches, runs, predictions and sweeps on an object store: a real S3 API (moto's server on 127.0.0.1), the
 real MiniLM, real Ray Data, Train and Tune."""
 
+import gc
 import hashlib
 import logging
 import os
@@ -103,6 +104,29 @@ def test_storage_api(s3, tmp_path, where):
     assert storage.listdir(root) == ["flat", "nested", "t.parquet"]
     path, fs = storage.ray_storage(root)  # what Ray Train and Tune take
     assert (path, fs) == ((root, None) if where == "local" else ("caches/api", storage.resolve(root)[0]))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stream_cut_short_leaves_no_file_and_no_open_writer(s3, tmp_path, where, monkeypatch):
+    """Ctrl-C during `er-ray predict` wrote its one line, then "Exception ignored in: ParquetWriter.__del__ ...
+    ArrowInvalid: Invalid operation on closed file": the writer outlived the stream it wrote to."""
+    root = str(tmp_path) if where == "local" else storage.join(s3, "cut")
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def tables():
+        yield pa.table({"a": [1, 2]})
+        raise KeyboardInterrupt
+
+    try:
+        storage.write_parquet_stream(storage.join(root, "p.parquet"), tables())
+    except KeyboardInterrupt:
+        pass
+    else:
+        pytest.fail("the interrupt was swallowed")
+    gc.collect()  # what is left of the write is collected here
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
+    assert storage.listdir(root) == []  # neither the file nor its temporary
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
