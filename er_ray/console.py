@@ -67,7 +67,10 @@ def quiet_ray() -> None:
 # Train actor with a fractional CPU counts against "the maximum expected startup concurrency" (the number of CPUs),
 # and `make demo` printed "(raylet) WARNING: 32 PYTHON worker processes have been started ..." eight times. The
 # raylet's own log (raylet.out) and the dashboard keep it; every other raylet message still reaches the console.
-BENIGN_RAYLET = (re.compile(r"worker processes have been started on node"),)
+# Another comes at Ctrl-C: Ray Data's executor kills its actors as it stops, and a call still in flight to one is
+# told as "(raylet) Task MapWorker(MapBatches(ShardEncoder)).submit failed ... killed by `ray.kill`" above the
+# command's own "interrupted" line. An actor killed by `ray.kill` is always one that Ray or er_ray meant to stop.
+BENIGN_RAYLET = (re.compile(r"worker processes have been started on node"), re.compile(r"killed by `ray\.kill`"))
 
 
 def _drop_benign_raylet_messages() -> None:

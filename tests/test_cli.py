@@ -118,21 +118,26 @@ connect(num_cpus=1, dashboard=False)
 gcs = ray._private.worker.global_worker.gcs_client
 publish_error_to_driver("worker_pool_large", "WARNING: 32 PYTHON worker processes have been started on node: x "
                         "with address: y, which is 16x the maximum expected startup concurrency (2).", gcs)
+publish_error_to_driver("task", "Task MapWorker(MapBatches(ShardEncoder)).submit failed. There are infinite retries "
+                        "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
+                        "`ray.kill`.", gcs)
 publish_error_to_driver("other", "a raylet message a user must see", gcs)
 time.sleep(3)
 ray.shutdown()
 """
 
 
-def test_the_raylets_worker_count_warning_stays_off_the_console_unless_verbose():
-    """`make demo` printed "(raylet) WARNING: N PYTHON worker processes have been started ..." eight times: Ray's
-    driver prints every message a raylet publishes. Published here through Ray's own channel, beside another
-    message that must still come through."""
+def test_the_raylets_benign_messages_stay_off_the_console_unless_verbose():
+    """`make demo` printed "(raylet) WARNING: N PYTHON worker processes have been started ..." eight times, and
+    Ctrl-C on `er-ray cache` "(raylet) Task MapWorker(...).submit failed ... killed by `ray.kill`": Ray's driver
+    prints every message a raylet publishes. Published here through Ray's own channel, beside another message that
+    must still come through."""
     for mode in ("quiet", "verbose"):
         out = subprocess.run([sys.executable, "-c", RAYLET, mode], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "a raylet message a user must see" in out.stdout, (mode, out.stdout)
         assert ("worker processes have been started" in out.stdout) == (mode == "verbose"), (mode, out.stdout)
+        assert ("killed by `ray.kill`" in out.stdout) == (mode == "verbose"), (mode, out.stdout)
 
 
 RAY_DATA_ADVICE = """
