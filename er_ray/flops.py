@@ -35,11 +35,19 @@ def train_flops_per_token(hidden: int, intermediate: int, seq_len: float, layers
     return passes * layers * layer_forward_flops(hidden, intermediate, seq_len)
 
 
-def matmul_peak(dtype=None, device: str = "cpu", seconds: float = 0.5, n: int | None = None) -> float:
+def matmul_peak(dtype=None, device: str = "cpu", seconds: float = 0.5, n: int | None = None,
+                keep_rng: bool = False) -> float:
     """FLOP/s of the best of repeated square matmuls in `dtype` on `device`: the peak a training step is measured
     against, on the same machine and threads, at the start of the run (these machines' speed drifts by 2x from one
-    day to the next, so a figure from elsewhere would mislead)."""
+    day to the next, so a figure from elsewhere would mislead). `keep_rng`: torch's generators are put back after.
+    Trap: the matrices are drawn from the generator dropout draws its masks from, so a measurement that runs only
+    when timing says so (a run's second look) changes the next epoch's masks: one seed, two results (the likely
+    cause of a demo run whose second epoch differed between two runs of one command)."""
     import torch
+
+    if keep_rng:
+        with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+            return matmul_peak(dtype, device, seconds, n)
 
     dtype = dtype or torch.float32
     n = n or (4096 if device.startswith("cuda") else 1024)
