@@ -328,10 +328,13 @@ def write_parquet_stream(location: str | os.PathLike, tables, **options) -> int:
 def write_parquet_streams(locations: list, tables, **options) -> list[int]:
     """write_parquet_stream into several files at once: `tables` yields a tuple of one table per location (each
     file has its own schema). No file appears before the iterator is exhausted; returns the rows per file."""
-    targets = []
+    targets, made = [], []  # made: the folders this call creates, removed again if it fails
     for location in locations:
         fs, path = resolve(location)
         parent, name = path.rsplit("/", 1)
+        # (object stores have no folders, but pyarrow leaves an empty marker object for the parent of an object
+        # it deletes: the same clean-up removes it)
+        made += [(fs, d) for d in _missing_folders(fs, parent) if (fs, d) not in made]
         if fs.type_name not in _OBJECT_STORES:
             fs.create_dir(parent, recursive=True)
         targets.append((fs, path, f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}"))
@@ -357,8 +360,23 @@ def write_parquet_streams(locations: list, tables, **options) -> list[int]:
         for fs, _, tmp in targets:
             if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 fs.delete_file(tmp)
+        # an interrupted `er-ray predict --output new/` left `new/` behind, empty: the deepest first, and only
+        # while empty (another writer may have put something there meanwhile)
+        for fs, d in sorted(made, key=lambda m: -len(m[1])):
+            if fs.get_file_info(d).type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(d)):
+                fs.delete_dir(d)
         raise
     return rows
+
+
+def _missing_folders(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while folder and fs.get_file_info(folder).type == pafs.FileType.NotFound:
+        missing.append(folder)
+        folder = folder.rsplit("/", 1)[0]
+    return missing
+
 
 def upload(folder: str | os.PathLike, location: str | os.PathLike) -> None:
     """Copy every file under a local folder to the same relative names under a location (local or remote),

@@ -109,7 +109,8 @@ def test_storage_api(s3, tmp_path, where):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_stream_cut_short_leaves_no_file_and_no_open_writer(s3, tmp_path, where, monkeypatch):
     """Ctrl-C during `er-ray predict` wrote its one line, then "Exception ignored in: ParquetWriter.__del__ ...
-    ArrowInvalid: Invalid operation on closed file": the writer outlived the stream it wrote to."""
+    ArrowInvalid: Invalid operation on closed file": the writer outlived the stream it wrote to. And it left its
+    new --output folder behind, empty."""
     root = str(tmp_path) if where == "local" else storage.join(s3, "cut")
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
@@ -119,14 +120,14 @@ def test_a_stream_cut_short_leaves_no_file_and_no_open_writer(s3, tmp_path, wher
         raise KeyboardInterrupt
 
     try:
-        storage.write_parquet_stream(storage.join(root, "p.parquet"), tables())
+        storage.write_parquet_stream(storage.join(root, "new", "deeper", "p.parquet"), tables())
     except KeyboardInterrupt:
         pass
     else:
         pytest.fail("the interrupt was swallowed")
     gc.collect()  # what is left of the write is collected here
     assert not unraisable, [str(u.exc_value) for u in unraisable]
-    assert storage.listdir(root) == []  # neither the file nor its temporary
+    assert storage.listdir(root) == []  # neither the file nor its temporary, nor the folders made for them
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
