@@ -35,24 +35,27 @@ def train_flops_per_token(hidden: int, intermediate: int, seq_len: float, layers
     return passes * layers * layer_forward_flops(hidden, intermediate, seq_len)
 
 
-def matmul_peak(dtype=None, device: str = "cpu", seconds: float = 0.5, n: int | None = None,
-                keep_rng: bool = False) -> float:
+def matmul_peak(dtype=None, device: str = "cpu", seconds: float = 0.5, n: int | None = None) -> float:
     """FLOP/s of the best of repeated square matmuls in `dtype` on `device`: the peak a training step is measured
     against, on the same machine and threads, at the start of the run (these machines' speed drifts by 2x from one
-    day to the next, so a figure from elsewhere would mislead). `keep_rng`: torch's generators are put back after.
-    Trap: the matrices are drawn from the generator dropout draws its masks from, so a measurement that runs only
-    when timing says so (a run's second look) changes the next epoch's masks: one seed, two results (the likely
-    cause of a demo run whose second epoch differed between two runs of one command)."""
+    day to the next, so a figure from elsewhere would mislead).
+
+    Traps, both met in the demo, whose four runs share two cores:
+    - On CPU the matrices are 512 square: one matmul (~3 ms) fits in a scheduler time slice, so the best of them
+      is the core's speed even while other processes take turns on it. At 1024 square (~23 ms) each one was cut
+      by a turn of another process: best-of measured 47 GFLOP/s beside three busy processes against 93 alone, and
+      the demo's identical runs printed MFU from 25% to 104%. Alone, 512 and 1024 measure the same peak (95 and 93
+      GFLOP/s here; bench/matmul_peak.py, BENCHMARKS.md).
+    - The matrices come from a generator of their own, not torch's global one, which dropout draws its masks
+      from: a measurement that ran only when timing said so (a run's second look) changed the next epoch's masks,
+      and one seed gave two results."""
     import torch
 
-    if keep_rng:
-        with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
-            return matmul_peak(dtype, device, seconds, n)
-
     dtype = dtype or torch.float32
-    n = n or (4096 if device.startswith("cuda") else 1024)
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+    n = n or (4096 if device.startswith("cuda") else 512)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, device=device, generator=g)
+    b = torch.randn(n, n, dtype=dtype, device=device, generator=g)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b  # warm-up: thread pools, kernels
     sync()

@@ -252,8 +252,8 @@ class Worker:
         flops_per_s = flops / max(step_s, 1e-9)
         if flops_per_s > self.peak:
             # the peak was measured while other processes competed for the cores (several workers or runs starting
-            # at once: the demo once printed "MFU 137%"): measure it again now (dropout's generator untouched)
-            self.peak = max(self.peak, matmul_peak(self.peak_dtype, self.device.type, keep_rng=True))
+            # at once: the demo once printed "MFU 137%"): measure it again now (flops.matmul_peak's traps)
+            self.peak = max(self.peak, matmul_peak(self.peak_dtype, self.device.type))
         return {"train_loss": loss_sum / max(n_steps, 1), "train_seconds": train_s,
                 "learning_rate": float(self.engine.get_lr()[0]),  # at the epoch's end
                 "examples_per_second": n_ex * self.world / max(train_s, 1e-9), "data_seconds": data_s,
