@@ -1,0 +1,70 @@
+"""Pool the seeds of several runs of one `er-ray study` (e.g. the same command at two commits): per task, the
+recycled-minus-fine-tuning gap of every (study, seed) pair, for the sweep's pick and for k = L/2.
+
+    python bench/study_pool.py bench/results/study15full_minilm_80257da bench/results/study15_minilm_56758f8
+
+Each folder is a study's output (or a kept copy): its REPORT.md names the configuration of each variant (the
+fine-tuning rate picked on dev, the sweep's pick, k = L/2); the runs' own metrics.json give the per-seed test
+scores. A gap is paired within a study and seed (the same seed's fine-tuning run), then averaged over all pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+VARIANTS = ("recycled best", "recycled k=L/2 full")
+
+
+def report_configs(study: Path) -> dict[tuple[str, str], str]:
+    """(task, variant) -> the config cell of REPORT.md's table, e.g. "k=2 full lr 0.0003" or "lr 0.0001"."""
+    out = {}
+    for line in (study / "REPORT.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 5 and cells[3] in ("finetune", *VARIANTS):
+            out[(cells[1], cells[3])] = cells[4]
+    return out
+
+
+def seed_scores(study: Path, task: str, config: str) -> dict[int, float]:
+    """The test score per seed of the runs (not time-budgeted) that match a REPORT.md config cell."""
+    k = re.search(r"k=(\d+)", config)
+    lr = float(re.search(r"lr ([0-9.e-]+)", config).group(1))
+    scores = {}
+    for f in (study / "minilm" / "runs").glob("*/metrics.json"):
+        m = json.loads(f.read_text())
+        if m["task"] != task or m.get("budget_seconds") or abs(m["learning_rate"] - lr) > 1e-12:
+            continue
+        if (k is None) == bool(m["full_finetune"]) and (k is None or m["cut_layer"] == int(k.group(1))):
+            scores[m["seed"]] = m["test"]
+    return scores
+
+
+def main(studies: list[Path]) -> None:
+    print("| task | variant | pairs | gap per (study, seed), points | mean gap | worst |")
+    print("|---|---|---|---|---|---|")
+    tasks = dict.fromkeys(t for s in studies for (t, v) in report_configs(s) if v == "finetune")
+    for task in tasks:
+        for variant in VARIANTS:
+            gaps, cells = [], []
+            for i, study in enumerate(studies):
+                configs = report_configs(study)
+                if (task, variant) not in configs or (task, "finetune") not in configs:
+                    continue
+                ft = seed_scores(study, task, configs[(task, "finetune")])
+                rec = seed_scores(study, task, configs[(task, variant)])
+                for seed in sorted(set(ft) & set(rec)):
+                    gaps.append(100 * (rec[seed] - ft[seed]))
+                    cells.append(f"{i}:{seed} {gaps[-1]:+.2f}")
+            if gaps:
+                print(f"| {task} | {variant} | {len(gaps)} | {', '.join(cells)} | {statistics.fmean(gaps):+.2f} | "
+                      f"{min(gaps):+.2f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main([Path(p) for p in sys.argv[1:]])
