@@ -17,15 +17,41 @@ import sys
 from pathlib import Path
 
 VARIANTS = ("recycled best", "recycled k=L/2 full")
+MINILM_HALF = 3  # L/2 of MiniLM's 6 layers (the studies pooled here are under minilm/)
 
 
 def report_configs(study: Path) -> dict[tuple[str, str], str]:
     """(task, variant) -> the config cell of REPORT.md's table, e.g. "k=2 full lr 0.0003" or "lr 0.0001"."""
+    if not (study / "REPORT.md").exists():
+        return unfinished_configs(study)
     out = {}
     for line in (study / "REPORT.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) > 5 and cells[3] in ("finetune", *VARIANTS):
             out[(cells[1], cells[3])] = cells[4]
+    return out
+
+
+def unfinished_configs(study: Path) -> dict[tuple[str, str], str]:
+    """The same for a study that has not written its REPORT.md yet, by the study's rules: fine-tuning's rate is the
+    best on the first seed's dev, the sweep's pick is the first row of sweep.md (its best on dev), and k = L/2 is
+    the `full` configuration at half the model's layers (`full` only: a study with other adapter kinds has one
+    L/2 row per kind, which REPORT.md names)."""
+    out = {}
+    runs = [json.loads(f.read_text()) for f in (study / "minilm" / "runs").glob("*/metrics.json")]
+    for task in {m["task"] for m in runs}:
+        tuned = [r for r in runs if r["task"] == task and r["full_finetune"]]
+        first = min(r["seed"] for r in tuned)
+        best = max((r for r in tuned if r["seed"] == first), key=lambda r: r["dev"])
+        out[(task, "finetune")] = f"lr {best['learning_rate']:g}"
+        half = [r for r in runs if r["task"] == task and not r["full_finetune"] and r["adapter"] == "full"
+                and r["cut_layer"] == MINILM_HALF and not r.get("budget_seconds")]
+        if half:
+            out[(task, "recycled k=L/2 full")] = f"k={MINILM_HALF} full lr {half[0]['learning_rate']:g}"
+    for line in (study / "minilm" / "sweep" / "sweep.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[2].isdigit() and (cells[0], "finetune") in out:
+            out.setdefault((cells[0], "recycled best"), f"k={cells[2]} {cells[3]} lr {cells[5]}")
     return out
 
 
