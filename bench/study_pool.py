@@ -93,4 +93,6 @@ def main(studies: list[Path]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
+    if missing := [p for p in sys.argv[1:] if not (Path(p) / "minilm" / "runs").is_dir()]:
+        sys.exit(f"not a study's output (no minilm/runs in it): {', '.join(missing)}")
     main([Path(p) for p in sys.argv[1:]])
