@@ -7,7 +7,8 @@
 `configure(verbose)` runs once per command, before Ray starts: unless --verbose, Ray's INFO logs, its worker
 processes' output and Ray Data's progress lines go only to Ray's session log folder (the dashboard shows them
 all), and er_ray prints its own progress from the driver (training epochs are relayed from the Train
-controller, see `epoch_relay`). Warnings and errors of Ray still reach the console.
+controller, see `epoch_relay`). Warnings and errors of Ray still reach the console. `LiveMetrics` puts a run's
+loss, speed and dev metric on the dashboard.
 """
 
 from __future__ import annotations
@@ -305,3 +306,36 @@ def _copy(r: int, console: int) -> None:
                 buf = b""
         if buf:
             os.write(console, buf)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dashboard: a run's numbers as Ray metrics
+
+
+class LiveMetrics:
+    """Loss, throughput, epoch and dev metric per run, through Ray's metrics API: the dashboard's Metrics view
+    (and Prometheus/Grafana where the cluster has them) shows every concurrent task side by side."""
+
+    def __init__(self, cfg):  # a train_loop.LoopConfig
+        from ray.util import metrics
+
+        tags = ("run", "task", "metric")
+        self.tags = {"run": cfg.run, "task": cfg.task, "metric": cfg.metric}
+        self.loss = metrics.Gauge("er_ray_train_loss", "mean training loss of the last epoch", tags)
+        self.speed = metrics.Gauge("er_ray_train_examples_per_second", "training examples per second", tags)
+        self.dev = metrics.Gauge("er_ray_train_dev_metric", "dev metric after the last epoch", tags)
+        self.epochs = metrics.Gauge("er_ray_train_epoch", "epochs finished", tags)
+
+    def epoch(self, epoch: int, loss: float, dev: float, speed: float) -> None:
+        self.loss.set(loss, tags=self.tags)
+        self.speed.set(speed, tags=self.tags)
+        self.dev.set(dev, tags=self.tags)
+        self.epochs.set(epoch, tags=self.tags)
+
+    def final(self, metrics: dict) -> None:
+        """The finished run's dev metric and epochs, set again by the process that publishes the run. Trap: Ray
+        exports a process's metrics every few seconds, and a training worker exits soon after its last epoch, so
+        its last values could leave with it (seen: a dev metric never reached the dashboard)."""
+        if metrics.get("dev") is not None:
+            self.dev.set(metrics["dev"], tags=self.tags)
+        self.epochs.set(metrics["epochs_run"], tags=self.tags)

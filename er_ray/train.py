@@ -24,12 +24,12 @@ from typing import Any
 import pyarrow as pa
 
 from . import storage
-from .console import epoch_relay, fmt_count, fmt_score, fmt_seconds, say
+from .console import LiveMetrics, epoch_relay, fmt_count, fmt_score, fmt_seconds, say
 from .errors import ErRayError, OptionsError
 from .defaults import WARMUP, default_adapter, default_head_learning_rate, default_learning_rate, default_warmup
 from .metrics import learned_nothing
 from .options import TrainOptions
-from .train_loop import LiveMetrics, LoopConfig, train_loop
+from .train_loop import LoopConfig, train_loop
 
 
 class TrainError(ErRayError):
@@ -135,7 +135,8 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
 
     opts, task, fp, k, source = checked or layout(opts, task_name)
     data = data or _run_data(opts, task, fp, k, source)
-    if "dev" not in data["datasets"]:
+    splits = data["tables"] or data["datasets"]  # the rows of each split, one way or the other (train_data)
+    if "dev" not in splits:
         raise TrainError(f"task {task.name} has no dev split: early stopping and model choice need one")
     spec = {"cut_layer": k, "adapter": opts.adapter, "adapter_size": opts.adapter_size, "task_type": task.type,
             "num_labels": len(task.labels), "pooling": pooling_of(Path(fp["folder"])), "source": source,
@@ -145,10 +146,10 @@ def plan_run(opts: TrainOptions, task_name: str, name: str | None = None, data: 
                         metric=METRICS[task.type], learning_rate=opts.lr(task.type), epochs=opts.epochs,
                         patience=opts.patience, batch_size=opts.batch_size, zero_stage=opts.zero_stage,
                         precision=opts.precision, seed=opts.seed, max_length=opts.max_length, workers=opts.workers,
-                        train_rows=data["rows"]["train"], has_test="test" in data["datasets"], source=source,
+                        train_rows=data["rows"]["train"], has_test="test" in splits, source=source,
                         hidden=fp["hidden_size"], cache_dtype=data["cache_dtype"], budget_seconds=opts.budget_seconds,
                         max_train_examples=opts.max_train_examples, warmup=opts.warmup_share(task.type),
-                        head_learning_rate=opts.head_lr(task.type))
+                        head_learning_rate=opts.head_lr(task.type), tables=data["tables"] or None)
     return {"name": name, "task": task, "config": config, "datasets": data["datasets"], "rows": data["rows"],
             "num_layers": fp["num_layers"]}
 

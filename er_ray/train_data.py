@@ -1,8 +1,9 @@
 """Training data: a task's labelled rows cut from the layer-k cache (or its texts), and the batches a worker
 trains on.
 
-On the driver, `split_datasets` reads the cache once for all splits and keeps the rows each split labels, as
-materialized Ray Datasets; on a worker, `batches` turns its shard of them into bucketed, padded tensors.
+On the driver, `split_datasets` reads the cache once for all splits and keeps the rows each split labels: as
+Arrow tables in Ray's object store when they were cut on the driver (a small cache, or texts), else as materialized
+Ray Datasets; on a worker, `batches` turns its shard of them into bucketed, padded tensors.
 """
 
 from __future__ import annotations
@@ -65,6 +66,32 @@ def batches(ds_iter, spec: dict, batch_size: int, shuffle_seed: int | None, toke
                     y[j, :len(rows[i])] = torch.tensor(token_labels(wids[i], labels[i]))
                 w = [wids[i] for i in g]
             yield torch.from_numpy(x), torch.from_numpy(mask), y, w
+
+
+class TableShard:
+    """A worker's share of a split held as one Arrow table (`split_datasets`' tables), with the part of Ray Data's
+    `iter_batches` that `batches` uses. Training rows are shuffled over the whole split (every worker draws the
+    same permutation from the epoch's seed and takes its slice) and split equally, as Ray Data's `equal=True`
+    streaming split does: workers step together, and a worker with one batch more would hang the others'
+    all-reduce. Dev and test rows are split in order and every row is kept (their one collective is at the end)."""
+
+    def __init__(self, ref, rank: int, world: int, equal: bool):
+        import ray
+
+        self.table, self.rank, self.world, self.equal = ray.get(ref), rank, world, equal
+
+    def iter_batches(self, batch_size: int, local_shuffle_buffer_size: int | None = None,
+                     local_shuffle_seed: int | None = None, **_):
+        n = self.table.num_rows
+        order = np.arange(n) if local_shuffle_buffer_size is None else \
+            np.random.default_rng(local_shuffle_seed).permutation(n)
+        if self.equal:
+            share = n // self.world
+            mine = order[self.rank * share:(self.rank + 1) * share]
+        else:
+            mine = np.array_split(order, self.world)[self.rank]
+        for i in range(0, len(mine), batch_size):
+            yield self.table.take(mine[i:i + batch_size])
 
 
 def _qa_rows(chunk: pa.Table, spec: dict) -> tuple[list[np.ndarray], list[tuple[int, int]], list[tuple]]:
@@ -191,7 +218,8 @@ def driver_read_bytes() -> int:
 
 def split_datasets(task, cache_obj, source: str, max_train: int | None, seed: int,
                    tokenizer: tuple[str, int] | None = None) -> dict[str, Any]:
-    """Ray Datasets per split: cache rows (or texts) of the split's documents with their labels, materialized.
+    """Per split, the cache rows (or texts) of its documents with their labels: {"tables": split -> object ref of
+    an Arrow table} when cut on the driver, else {"datasets": split -> materialized Ray Dataset}; and "rows".
     (Quietly: these few small reads would print Ray Data's progress lines every few seconds, per task.)
 
     In the cache's order: Ray Data otherwise keeps blocks in the order its read tasks happen to finish, and the
@@ -223,7 +251,7 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     qa = task.type == "question_answering"
     refs = _references(task) if qa else None
     label_args = {"labels": labels, "kind": task.type, "references": refs}
-    labelled = None  # a table of every split's rows, where they are cut on the driver
+    labelled = out = None  # a table of every split's rows, where they are cut on the driver
     if source == "cache":
         cols = cache_obj.row_columns(task.type)
         if cache_obj.manifest.bytes <= driver_read_bytes():
@@ -247,11 +275,7 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     tables = {}
     if isinstance(labelled, pa.Table):  # cut on the driver: counted there too
         tables = {split: _select_split(labelled, split) for split in labels}
-        # from_blocks computes each block's metadata here; from_arrow asks a Ray task per table for it, ~1 s each on
-        # a fresh local Ray (its worker processes start cold): 2-2.4 s of a small run's `data` phase, less net (the
-        # tasks had also warmed processes Ray Train takes later; BENCHMARKS.md, "The labelled rows as Ray Data blocks").
-        out = {split: ray.data.from_blocks([t]) for split, t in tables.items()}
-    if any(_documents_in(tables.get(split, out[split]), qa) < len(lab) for split, lab in labels.items()):
+    if any(_documents_in(tables[split] if tables else out[split], qa) < len(lab) for split, lab in labels.items()):
         # only a cache can lack documents; name them (reading all its ids is fine on this error path)
         have = set(cache_obj.ids(documents=True))
         missing = [i for split in labels.values() for i in split if i not in have]
@@ -259,8 +283,13 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
                          f"{cache_obj.path} (e.g. {missing[0]!r}); build the cache over the task's corpus")
     # What a worker steps through: documents, or question answering's windows (the learning rate's schedule is
     # planned in them: counted in questions, it reached zero a third into the run)
-    rows = {s: out[s].count() if qa else len(v) for s, v in labels.items()}
-    return {"datasets": out, "rows": rows}
+    rows = {s: (tables[s].num_rows if tables else out[s].count()) if qa else len(v) for s, v in labels.items()}
+    if tables:
+        # Rows cut here go to the workers through Ray's object store, an Arrow table per split (`TableShard`). As
+        # Ray Datasets, each run started Ray Data's own actors (a split coordinator per split, its stats and
+        # autoscaling actors: 12-14 CPU seconds before the first step, BENCHMARKS.md) to stream a few MB.
+        return {"datasets": {}, "tables": {s: ray.put(t) for s, t in tables.items()}, "rows": rows}
+    return {"datasets": out, "tables": {}, "rows": rows}
 
 
 def _text_windows(task, labels: dict[str, dict], folder: str, max_length: int) -> pa.Table:

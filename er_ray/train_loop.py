@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .console import LiveMetrics
 from .flops import layer_forward_flops, matmul_peak, model_shape, train_flops_per_token
 from .metrics import f1, span_counts
 from .model import IGNORE, span_loss
@@ -61,10 +62,11 @@ class LoopConfig:
     """share of the steps warming up (resolved per adapter kind on the driver)"""
     head_learning_rate: float | None = None  # the head's own peak rate (None: learning_rate)
     threads: int | None = None
+    tables: dict[str, Any] | None = None  # split -> object ref of its rows (train_data.TableShard); None: Ray Data's
 
     def settings(self) -> dict[str, Any]:
-        """What makes two runs the same run (threads do not)."""
-        return {k: v for k, v in asdict(self).items() if k != "threads"}
+        """What makes two runs the same run (threads and where the rows wait do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("threads", "tables")}
 
 
 @dataclass
@@ -141,6 +143,7 @@ class Worker:
 
         from .model import ModelSpec, TaskModel
         from .pretrained import load_encoder
+        from .train_data import TableShard
 
         self.cfg, self.started_at = cfg, time.time()
         ctx = ray.train.get_context()
@@ -166,6 +169,8 @@ class Worker:
         self.peak_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.peak = matmul_peak(self.peak_dtype, self.device.type)
         self.kept: dict = {}  # the dev shard, held in memory after its first pass (train_data.KeptShard)
+        # rows cut on the driver: this worker's share of each split's table (else Ray Data's shards)
+        self.tables = {s: TableShard(ref, self.rank, self.world, s == "train") for s, ref in (cfg.tables or {}).items()}
         self.setup_seconds = time.time() - self.started_at  # the model loaded, DeepSpeed started, the peak measured
 
     def step_flops(self, real_tokens: int, seq_len: int) -> float:
@@ -183,8 +188,8 @@ class Worker:
 
         from .train_data import KeptShard, batches
 
-        shard = ray.train.get_dataset_shard(split)
-        if split == "dev":  # evaluated every epoch, always in the same order: kept after the first pass
+        shard = self.tables.get(split) or ray.train.get_dataset_shard(split)
+        if split == "dev" and not self.tables:  # evaluated every epoch, in the same order: kept after one pass
             shard = self.kept.setdefault(split, KeptShard(shard))
         return batches(shard, self.data_spec, self.cfg.batch_size, shuffle_seed, self.tokenizer, self.cfg.max_length)
 
@@ -469,32 +474,3 @@ def train_loop(config: dict) -> None:
         if state.stopped:
             break
         state.checkpoint_seconds += time.perf_counter() - t  # kept by the next epoch's checkpoint
-
-
-class LiveMetrics:
-    """Loss, throughput, epoch and dev metric per run, through Ray's metrics API: the dashboard's Metrics view
-    (and Prometheus/Grafana where the cluster has them) shows every concurrent task side by side."""
-
-    def __init__(self, cfg: LoopConfig):
-        from ray.util import metrics
-
-        tags = ("run", "task", "metric")
-        self.tags = {"run": cfg.run, "task": cfg.task, "metric": cfg.metric}
-        self.loss = metrics.Gauge("er_ray_train_loss", "mean training loss of the last epoch", tags)
-        self.speed = metrics.Gauge("er_ray_train_examples_per_second", "training examples per second", tags)
-        self.dev = metrics.Gauge("er_ray_train_dev_metric", "dev metric after the last epoch", tags)
-        self.epochs = metrics.Gauge("er_ray_train_epoch", "epochs finished", tags)
-
-    def epoch(self, epoch: int, loss: float, dev: float, speed: float) -> None:
-        self.loss.set(loss, tags=self.tags)
-        self.speed.set(speed, tags=self.tags)
-        self.dev.set(dev, tags=self.tags)
-        self.epochs.set(epoch, tags=self.tags)
-
-    def final(self, metrics: dict) -> None:
-        """The finished run's dev metric and epochs, set again by the process that publishes the run. Trap: Ray
-        exports a process's metrics every few seconds, and a training worker exits soon after its last epoch, so
-        its last values could leave with it (seen: a dev metric never reached the dashboard)."""
-        if metrics.get("dev") is not None:
-            self.dev.set(metrics["dev"], tags=self.tags)
-        self.epochs.set(metrics["epochs_run"], tags=self.tags)

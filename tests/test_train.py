@@ -375,15 +375,39 @@ def test_the_driver_and_ray_data_cut_the_same_rows_from_a_cache(trec_lora, out, 
     for limit in ("0", str(1 << 40)):  # Ray Data, then the driver
         monkeypatch.setenv("ER_RAY_DRIVER_READ_BYTES", limit)
         data = split_datasets(task, c, "cache", max_train=300, seed=1)
-        cut[limit] = {s: pa.concat_tables(_tables(ds)).to_pydict() for s, ds in data["datasets"].items()}
+        assert bool(data["tables"]) == (limit != "0")  # rows cut on the driver travel as tables
+        splits = data["tables"] or data["datasets"]
+        cut[limit] = {s: pa.concat_tables(_tables(d)).to_pydict() for s, d in splits.items()}
         assert data["rows"] == {"train": 300, "dev": len(task.splits["dev"]), "test": len(task.splits["test"])}
     assert cut["0"] == cut[str(1 << 40)]
 
 
-def _tables(ds):
+def _tables(d):
     import ray
 
-    return [ray.get(r) for r in ds.to_arrow_refs()]
+    return [ray.get(d)] if isinstance(d, ray.ObjectRef) else [ray.get(r) for r in d.to_arrow_refs()]
+
+
+def test_a_split_held_as_a_table_is_shared_out_as_ray_data_would(ray_local):
+    """Training rows: one permutation per epoch seed on every worker, equal disjoint shares (a worker with a batch
+    more would hang the others' all-reduce); dev and test rows: in order, every row kept."""
+    import ray
+
+    from er_ray.train_data import TableShard
+
+    ref = ray.put(pa.table({"id": [str(i) for i in range(11)]}))
+
+    def ids(shard, **kw):
+        return [i for b in shard.iter_batches(batch_size=2, **kw) for i in b.column("id").to_pylist()]
+
+    shuffled = dict(local_shuffle_buffer_size=64, local_shuffle_seed=7)
+    train = [ids(TableShard(ref, r, 3, equal=True), **shuffled) for r in range(3)]
+    assert [len(t) for t in train] == [3, 3, 3] and len(set().union(*train)) == 9
+    assert train == [ids(TableShard(ref, r, 3, equal=True), **shuffled) for r in range(3)]  # same seed, same rows
+    assert ids(TableShard(ref, 0, 1, equal=True), **shuffled) != ids(TableShard(ref, 0, 1, equal=True),
+                                                                     local_shuffle_buffer_size=64, local_shuffle_seed=8)
+    dev = [ids(TableShard(ref, r, 3, equal=False)) for r in range(3)]
+    assert sum(dev, []) == [str(i) for i in range(11)]
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint_to_the_uninterrupted_result(ray_local, trec_lora, out,
