@@ -286,8 +286,8 @@ def _split_datasets(task, cache_obj, source: str, max_train: int | None, seed: i
     rows = {s: (tables[s].num_rows if tables else out[s].count()) if qa else len(v) for s, v in labels.items()}
     if tables:
         # Rows cut here go to the workers through Ray's object store, an Arrow table per split (`TableShard`). As
-        # Ray Datasets, each run started Ray Data's own actors (a split coordinator per split, its stats and
-        # autoscaling actors: 12-14 CPU seconds before the first step, BENCHMARKS.md) to stream a few MB.
+        # Ray Datasets, each run started Ray Data's own actors (a split coordinator per split and a stats actor:
+        # 12-17 CPU seconds on 2 cores, BENCHMARKS.md "as Arrow tables in the object store") to stream a few MB.
         return {"datasets": {}, "tables": {s: ray.put(t) for s, t in tables.items()}, "rows": rows}
     return {"datasets": out, "tables": {}, "rows": rows}
 
