@@ -57,8 +57,10 @@ def main() -> None:
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the er-ray verb and its options")
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if "--output" not in command:
-        ap.error("the command needs --output (its runs are deleted before each round)")
+    if "--output" not in command[:-1]:
+        ap.error("the command needs --output DIR (its runs are deleted before each round)")
+    if bad := [c for c in args.code or [] if "=" not in c]:
+        ap.error(f"--code takes LABEL=PATH, got {bad[0]!r}")
     codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
     rows = []
     for r in range(args.rounds):
