@@ -273,18 +273,48 @@ def _predict_here(opts: PredictOptions, runs: list[str], corpus, cache, wanted, 
     from . import console
 
     console.terminate_as_interrupt()  # as under Ray: `kill` takes Ctrl-C's path
+
+    def read() -> pa.Table:
+        if cache:
+            cols, key = cache.row_columns(), "question_id" if qa else "id"
+            return cache.read_ids(set(wanted.to_pylist()), cols, key=key) if wanted is not None else cache.read(cols)
+        # under the size limit: the texts fit here
+        return pa.concat_tables([_read_files(pa.table({"file": [f]}), corpus.columns) for f in corpus.files])
+
+    # The rows are read on a second thread while this one loads the task models: the load is mostly Python
+    # imports on one core, and pyarrow reads and decompresses outside the GIL on the other.
+    rows = _in_background(read, "er_ray-read")
     predictor = Predictor(runs, "cache" if cache else "text", opts.batch_size,
                           cache_dtype=cache.manifest.dtype if cache else None)
-    if cache:
-        cols = cache.row_columns()
-        key = "question_id" if qa else "id"
-        table = cache.read_ids(set(wanted.to_pylist()), cols, key=key) if wanted is not None else cache.read(cols)
-    else:  # under the size limit: the texts fit here
-        table = pa.concat_tables([_read_files(pa.table({"file": [f]}), corpus.columns) for f in corpus.files])
+    table = rows()
     # counted as they come out: a question answering model's rows are windows (from text: not known before)
     slices = (predictor(table.slice(s, ROWS_PER_CALL)) for s in range(0, table.num_rows, ROWS_PER_CALL))
     yield from _told(slices, None if qa and not cache else table.num_rows, "windows" if qa else "documents",
                      "on this process")
+
+
+def _in_background(fn, name: str):
+    """fn() started on a thread; returns a function that waits for its result (or raises its error). A daemon
+    thread: a command interrupted, or failed, meanwhile ends without waiting for it."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the waiter, in its thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result
 
 
 def _told(tables, total: int | None, noun: str, where: str, every: float = 10.0):
