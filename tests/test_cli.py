@@ -74,6 +74,8 @@ def test_models_and_tasks_listings():
     assert out.returncode == 0
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("trec"))
     assert line.split()[:7] == ["trec", "classification", "trec", "4,362", "546", "544", "6"]
+    # the listing's last line too: a piped stdout arrives whole through the quick exit of `er-ray` (cli.run)
+    assert out.stdout.splitlines()[-1].split()[:2] == ["squad", "question_answering"], out.stdout[-300:]
 
 
 def test_demo_runs_the_whole_pipeline_and_prints_the_table(ray_local, tmp_path):
