@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
+# function the script calls (cli.run since de93b83)
+ER_RAY = [sys.executable, "-m", "er_ray.cli"]
 
 
 def build(code: str, corpus: str, out: Path, extra: list[str]) -> float:
@@ -29,7 +31,7 @@ def build(code: str, corpus: str, out: Path, extra: list[str]) -> float:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
     t0 = time.perf_counter()
-    proc = subprocess.run([ER_RAY, "cache", "--corpus", corpus, "--output", str(out), *extra],
+    proc = subprocess.run([*ER_RAY, "cache", "--corpus", corpus, "--output", str(out), *extra],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"er-ray cache failed under {code}:\n{proc.stderr[-3000:]}")

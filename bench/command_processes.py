@@ -26,7 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_processes import Sampler  # noqa: E402
 
-ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
+# function the script calls (cli.run since de93b83)
+ER_RAY = [sys.executable, "-m", "er_ray.cli"]
 
 
 def one(code: str, args: list[str]) -> dict:
@@ -36,7 +38,7 @@ def one(code: str, args: list[str]) -> dict:
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
     sampler = Sampler()
     t0 = time.perf_counter()
-    proc = subprocess.run([ER_RAY, *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([*ER_RAY, *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     time.sleep(0.3)
     procs = sampler.stop()

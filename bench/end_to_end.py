@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
+# function the script calls (cli.run since de93b83)
+ER_RAY = [sys.executable, "-m", "er_ray.cli"]
 
 
 def command(verb: str, code: str, task: str, out: Path, args: argparse.Namespace, extra: str = "",
@@ -38,7 +40,7 @@ def command(verb: str, code: str, task: str, out: Path, args: argparse.Namespace
         p = out / d
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
-    cmd = [ER_RAY, verb, "--task", task, "--output", str(out),
+    cmd = [*ER_RAY, verb, "--task", task, "--output", str(out),
            "--max-train-examples", str(max_train_examples or args.max_train_examples),
            "--epochs", str(epochs or args.epochs), "--seed", str(args.seed),
            *shlex.split(args.args), *shlex.split(extra)]

@@ -34,7 +34,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray.options import TrainOptions  # noqa: E402
 
-ER_RAY = str(Path(sys.executable).with_name("er-ray"))
+# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
+# function the script calls (cli.run since de93b83)
+ER_RAY = [sys.executable, "-m", "er_ray.cli"]
 
 
 def train_runs(work: Path, task: str, n: int, max_length: int | None) -> tuple[list[str], str, str]:
@@ -63,7 +65,7 @@ def timed(args: list[str], way: str, code: str | None = None) -> float:
     else:
         env.pop("ER_RAY_DRIVER_READ_BYTES", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([ER_RAY, "predict", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([*ER_RAY, "predict", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"er-ray predict {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return round(time.perf_counter() - t0, 2)
