@@ -58,6 +58,8 @@ def main() -> None:
     if any("=" not in c for c in args.code):
         ap.error("--code takes LABEL=PATH")
     codes = dict(c.split("=", 1) for c in args.code)
+    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
+        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
     work = Path(args.work)
     walls: dict[str, list[float]] = {label: [] for label in codes}
     for r in range(args.rounds):

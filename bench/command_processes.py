@@ -64,6 +64,8 @@ def main() -> None:
     if bad := [c for c in args.code or [] if "=" not in c]:
         ap.error(f"--code takes LABEL=PATH, got {bad[0]!r}")
     codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
+    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
+        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
     rows = []
     for r in range(args.rounds):
         for label, code in codes.items():

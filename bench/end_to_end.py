@@ -74,6 +74,8 @@ def main() -> None:
             ap.error(f"{flag} takes LABEL=VALUE, got {bad[0]!r}")
     arms = dict(a.split("=", 1) for a in (args.train or ["train="]))
     codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
+    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
+        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     outs = {label: work / label for label in codes}

@@ -89,10 +89,12 @@ def main() -> None:
     args = ap.parse_args()
     if any("=" not in c for c in args.code or []):
         ap.error("--code takes LABEL=PATH")
+    codes: dict[str, str | None] = dict(c.split("=", 1) for c in args.code) if args.code else {"": None}
+    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
+        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
     work = Path(args.work)
     runs, finetune, cache = train_runs(work, args.task, args.runs, args.max_length)
     ways = args.ways.split(",")
-    codes: dict[str, str | None] = dict(c.split("=", 1) for c in args.code) if args.code else {"": None}
 
     def arms(way: str, preds: Path, code: str | None = None) -> dict:
         t = args.task
