@@ -239,6 +239,13 @@ def test_killed_build_on_s3_resumes_to_the_same_cache(ray_local, s3, corpus, loc
     orphan = storage.join(cache.layer_dir(root, 3), "part-" + "0" * 20 + ".parquet")
     storage.write_bytes(orphan, b"not committed")
     assert orphan not in open_cache(root, 3).files and cache.verify(root) == []
+    # The killed driver's lease is still there, live for up to LEASE_SECONDS (120 s): the re-run would wait it
+    # out, which test_a_dead_holders_lease_expires checks on its own. Here its term is run out by hand, as two
+    # minutes would: the same file with an expiry in the past.
+    lease = storage.join(root, ".lease")
+    dead = storage.read_json(lease)
+    assert dead["holder"] == f"pid {proc.pid} on {os.uname().nodename}" and dead["expires"] > time.time()
+    storage.write_json(lease, dead | {"expires": time.time() - 1})
     capfd.readouterr()
     m = build_cache(CacheOptions(corpus=[str(corpus)], output=root, **OPTS))[3]  # the re-run (in this process)
     assert f"{done * SHARD_ROWS:,} cached" in capfd.readouterr().err  # only what was missing was encoded
