@@ -203,6 +203,29 @@ def test_lines_from_several_threads_come_out_whole():
         [ln for ln in lines if not whole.fullmatch(ln)][:3]
 
 
+def test_the_epoch_relay_ends_quietly_when_ray_shuts_down_under_it(monkeypatch):
+    """The thread that prints Ray Train's epoch lines polls a Ray queue. A suite run ended with "Exception in
+    thread er_ray-epochs ... SystemExit: 0": ray.shutdown() had landed inside its ray.get, which then raises
+    SystemExit in that thread, not an Exception. Here the queue raises what Ray raised there."""
+    import threading
+
+    import ray
+
+    from er_ray import console
+
+    class ShutDownUnderIt:
+        def size(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    unhandled = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    t = threading.Thread(target=console._drain, args=(ShutDownUnderIt(),))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and unhandled == [], unhandled
+
+
 def test_bad_options_are_errors_not_tracebacks():
     out = run("demo", "--cut-layer", "9")
     assert out.returncode == 1 and "--cut-layer 9 out of range: minilm has layers 0..5 to cut at" in out.stderr
