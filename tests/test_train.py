@@ -275,7 +275,7 @@ def test_deepspeed_steps_the_optimizer_with_two_workers(ray_local, tmp_path):
     rows = [r | {"split": s} for s, t in tasks.load_task("sms_spam").splits.items()
             for r in t.slice(0, 320 if s == "train" else 100).to_pylist()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sms.parquet")
-    (tmp_path / "sms.yaml").write_text("name: sms_spam\nfiles: sms.parquet\ncorpus: sms_small\n")
+    (tmp_path / "sms.yaml").write_text("name: sms_small\nfiles: sms.parquet\n")
     # with a time budget: the two workers agree on its plan through a collective (the run would hang otherwise)
     m = train(TrainOptions(task=[str(tmp_path / "sms.yaml")], adapter="lora", workers=2, zero_stage=2,
                            output=str(tmp_path), epochs=1, batch_size=16, max_length=64, max_train_examples=320,
