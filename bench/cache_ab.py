@@ -11,7 +11,6 @@ option of the command is its default but those given after `--` (e.g. `-- --cut-
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,15 +20,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
-# function the script calls (cli.run since de93b83)
-ER_RAY = [sys.executable, "-m", "er_ray.cli"]
+from checkouts import ER_RAY, codes_from, command_env  # noqa: E402
 
 
 def build(code: str, corpus: str, out: Path, extra: list[str]) -> float:
     """One whole `er-ray cache` command on its own local Ray; its wall seconds."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
+    env = command_env(code)
     t0 = time.perf_counter()
     proc = subprocess.run([*ER_RAY, "cache", "--corpus", corpus, "--output", str(out), *extra],
                           capture_output=True, text=True, env=env)
@@ -55,11 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "cache_ab.json"))
     ap.add_argument("extra", nargs="*", help="after --: more `er-ray cache` options, the same for every checkout")
     args = ap.parse_args()
-    if any("=" not in c for c in args.code):
-        ap.error("--code takes LABEL=PATH")
-    codes = dict(c.split("=", 1) for c in args.code)
-    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
-        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
+    codes = codes_from(ap, args.code, {})
     work = Path(args.work)
     walls: dict[str, list[float]] = {label: [] for label in codes}
     for r in range(args.rounds):

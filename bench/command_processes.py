@@ -25,17 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_processes import Sampler  # noqa: E402
-
-# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
-# function the script calls (cli.run since de93b83)
-ER_RAY = [sys.executable, "-m", "er_ray.cli"]
+from checkouts import ER_RAY, codes_from, command_env  # noqa: E402
 
 
 def one(code: str, args: list[str]) -> dict:
     out = Path(args[args.index("--output") + 1])
     for d in ("runs", "ray"):
         shutil.rmtree(out / d, ignore_errors=True)
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
+    env = command_env(code)
     sampler = Sampler()
     t0 = time.perf_counter()
     proc = subprocess.run([*ER_RAY, *args], env=env, capture_output=True, text=True)
@@ -61,11 +58,7 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if "--output" not in command[:-1]:
         ap.error("the command needs --output DIR (its runs are deleted before each round)")
-    if bad := [c for c in args.code or [] if "=" not in c]:
-        ap.error(f"--code takes LABEL=PATH, got {bad[0]!r}")
-    codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
-    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
-        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
+    codes = codes_from(ap, args.code, {"this": "."})
     rows = []
     for r in range(args.rounds):
         for label, code in codes.items():

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
-# function the script calls (cli.run since de93b83)
-ER_RAY = [sys.executable, "-m", "er_ray.cli"]
+from checkouts import ER_RAY, codes_from, command_env
 
 
 def command(verb: str, code: str, task: str, out: Path, args: argparse.Namespace, extra: str = "",
@@ -39,7 +35,7 @@ def command(verb: str, code: str, task: str, out: Path, args: argparse.Namespace
     for d in ("runs", "ray", "results.parquet", "results.md"):
         p = out / d
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(Path(code).resolve())}
+    env = command_env(code)
     cmd = [*ER_RAY, verb, "--task", task, "--output", str(out),
            "--max-train-examples", str(max_train_examples or args.max_train_examples),
            "--epochs", str(epochs or args.epochs), "--seed", str(args.seed),
@@ -69,13 +65,10 @@ def main() -> None:
     ap.add_argument("--train", action="append", default=None, metavar='LABEL="OPTIONS"',
                     help="an `er-ray train` arm with its own options (repeatable; default: one arm, train=\"\")")
     args = ap.parse_args()
-    for flag, given in (("--train", args.train), ("--code", args.code)):
-        if bad := [g for g in given or [] if "=" not in g]:
-            ap.error(f"{flag} takes LABEL=VALUE, got {bad[0]!r}")
+    if bad := [g for g in args.train or [] if "=" not in g]:
+        ap.error(f"--train takes LABEL=VALUE, got {bad[0]!r}")
     arms = dict(a.split("=", 1) for a in (args.train or ["train="]))
-    codes = dict(c.split("=", 1) for c in (args.code or ["this=."]))
-    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
-        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
+    codes = codes_from(ap, args.code, {"this": "."})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     outs = {label: work / label for label in codes}

@@ -22,7 +22,6 @@ is the task's whole document set (TREC: 5,452 questions).
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,10 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from er_ray.options import TrainOptions  # noqa: E402
-
-# `python -m er_ray.cli`, not the installed `er-ray` script: with --code, an older checkout may lack the
-# function the script calls (cli.run since de93b83)
-ER_RAY = [sys.executable, "-m", "er_ray.cli"]
+from checkouts import ER_RAY, codes_from, command_env  # noqa: E402
 
 
 def train_runs(work: Path, task: str, n: int, max_length: int | None) -> tuple[list[str], str, str]:
@@ -57,9 +53,7 @@ def train_runs(work: Path, task: str, n: int, max_length: int | None) -> tuple[l
 def timed(args: list[str], way: str, code: str | None = None) -> float:
     """One whole `er-ray predict` command's wall time; `way`: "here" (its own process) or "ray" (Ray Data);
     `code`: the er_ray checkout to run (None: this one)."""
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    if code:
-        env["PYTHONPATH"] = str(Path(code).resolve())
+    env = command_env(code)
     if way == "ray":
         env["ER_RAY_DRIVER_READ_BYTES"] = "0"
     else:
@@ -87,11 +81,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/er_ray_predict_many")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "predict_many_minilm.json"))
     args = ap.parse_args()
-    if any("=" not in c for c in args.code or []):
-        ap.error("--code takes LABEL=PATH")
-    codes: dict[str, str | None] = dict(c.split("=", 1) for c in args.code) if args.code else {"": None}
-    if bad := [p for p in codes.values() if p and not (Path(p) / "er_ray" / "cli.py").is_file()]:
-        ap.error(f"--code {bad[0]}: no er_ray checkout there (PYTHONPATH would fall back to the installed er_ray)")
+    codes: dict[str, str | None] = codes_from(ap, args.code, {"": None})
     work = Path(args.work)
     runs, finetune, cache = train_runs(work, args.task, args.runs, args.max_length)
     ways = args.ways.split(",")
